@@ -1,0 +1,115 @@
+"""DeepAPL discovery cohort (Sidhom et al., npj Precis. Oncol. 2021): CellaVision single-cell JPEGs.
+
+Layout: `Data/All/Patient_NN[/<slide>]/Signed slides/<cell type>/*.jpg` plus `Data/master.csv` (per patient
+`Diagnosis` AML/APL, `Cohort`, `Age at Diagnosis`, `Gender`). Every cell is labelled by its cell type through a
+configurable mapping onto the binary task; the patient's diagnosis is kept in `diagnosis`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from blastscan.data.images import is_image_file
+from blastscan.data.manifest import LEUKEMIC, NORMAL
+from blastscan.data.registry import DatasetReader, ReaderOptions, register
+from blastscan.errors import DatasetError
+
+EXCLUDE = "exclude"
+
+#: Default cell type -> task label. Blasts and (APL's abnormal) promyelocytes are leukemic; mature leukocytes
+#: are normal. Precursors and ambiguous types (promonocytes count as blast equivalents in some criteria,
+#: variant lymphocytes, erythroblasts, myelocytes, plasma cells) are left out unless a mapping includes them.
+DEFAULT_CELL_TYPE_LABELS: dict[str, str] = {
+    "Blast, no lineage spec": LEUKEMIC,
+    "Promyelocyte": LEUKEMIC,
+    "Lymphocyte": NORMAL,
+    "Segmented neutrophils": NORMAL,
+    "Band neutrophils": NORMAL,
+    "Monocyte": NORMAL,
+    "Eosinophils": NORMAL,
+    "Basophil": NORMAL,
+    "Lymphocyte, variant": EXCLUDE,
+    "Erythroblast": EXCLUDE,
+    "Myelocyte": EXCLUDE,
+    "Metamyelocyte": EXCLUDE,
+    "Promonocyte": EXCLUDE,
+    "Plasma cells": EXCLUDE,
+}
+_ALLOWED = {LEUKEMIC, NORMAL, EXCLUDE}
+_MASTER_COLUMNS = {
+    "Patient_ID": "patient_id",
+    "Diagnosis": "diagnosis",
+    "Cohort": "cohort",
+    "Age at Diagnosis": "age",
+    "Gender": "gender",
+}
+
+
+@register
+class DeepAplReader(DatasetReader):
+    """DeepAPL: cells per patient and cell type, with the patient's AML/APL diagnosis."""
+
+    name = "deepapl"
+    description = "DeepAPL Data/master.csv + Data/All/Patient_NN/.../Signed slides/<cell type>/*.jpg"
+
+    def locate(self, root: Path) -> Path | None:
+        for candidate in (root, root / "Data"):
+            if (candidate / "master.csv").is_file() and (candidate / "All").is_dir():
+                return candidate
+        return None
+
+    def rows(self, located: Path, options: ReaderOptions, notes: list[str]) -> list[dict[str, Any]]:
+        mapping = options.cell_type_labels or DEFAULT_CELL_TYPE_LABELS
+        bad_values = {k: v for k, v in mapping.items() if v not in _ALLOWED}
+        if bad_values:
+            raise DatasetError(f"cell type mapping: values must be one of {sorted(_ALLOWED)}, got {bad_values}")
+        patients = _read_master(located / "master.csv")
+        rows: list[dict[str, Any]] = []
+        excluded: dict[str, int] = {}
+        for patient_dir in sorted(p for p in (located / "All").iterdir() if p.is_dir()):
+            patient = patients.get(patient_dir.name)
+            if patient is None:
+                raise DatasetError(
+                    f"{patient_dir}: patient {patient_dir.name!r} is not in {located / 'master.csv'}; "
+                    "add its row or move the folder out"
+                )
+            for signed in sorted(patient_dir.rglob("Signed slides")):
+                slide = signed.parent.relative_to(patient_dir).as_posix()
+                for cell_dir in sorted(p for p in signed.iterdir() if p.is_dir()):
+                    label = mapping.get(cell_dir.name)
+                    images = [p for p in sorted(cell_dir.iterdir()) if is_image_file(p)]
+                    if label is None or label == EXCLUDE:
+                        excluded[cell_dir.name] = excluded.get(cell_dir.name, 0) + len(images)
+                        continue
+                    rows.extend(
+                        {
+                            "path": image.relative_to(located).as_posix(),
+                            "label": label,
+                            "patient_id": patient_dir.name,
+                            "dataset": self.name,
+                            "cell_type": cell_dir.name,
+                            "slide": "" if slide == "." else slide,
+                            **patient,
+                        }
+                        for image in images
+                    )
+        if excluded:
+            listed = ", ".join(f"{k} ({v})" for k, v in sorted(excluded.items()))
+            notes.append(f"left out {sum(excluded.values())} cells of unmapped or excluded types: {listed}")
+        return rows
+
+
+def _read_master(path: Path) -> dict[str, dict[str, Any]]:
+    """master.csv as {patient folder name: {diagnosis, cohort, age, gender}}."""
+    table = pd.read_csv(path, dtype=str)
+    missing = [c for c in _MASTER_COLUMNS if c not in table.columns]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(_MASTER_COLUMNS)}")
+    table = table.rename(columns=_MASTER_COLUMNS)
+    return {
+        str(r["patient_id"]).strip(): {k: r[k] for k in ("diagnosis", "cohort", "age", "gender")}
+        for r in table.to_dict("records")
+    }

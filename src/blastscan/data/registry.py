@@ -1,0 +1,110 @@
+"""One door for dataset readers: each reader module registers itself here, and `scan` picks one.
+
+A reader knows one folder layout. `locate(root)` says where under `root` its layout starts (or None when the
+layout is not there), and `rows(located, options, notes)` lists one dict per image, with `path` relative to the
+located folder. Adding a dataset means adding one module under `blastscan/data/readers/` that calls `register`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from blastscan.errors import DatasetError
+
+
+class ReaderOptions(BaseModel):
+    """Options a reader may use; each reader reads only the ones that concern it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: DeepAPL: cell type -> "leukemic", "normal" or "exclude"; None means the reader's default mapping.
+    cell_type_labels: dict[str, str] | None = None
+    #: C-NMC preliminary-test layout: the labels CSV (found automatically when None).
+    labels_csv: Path | None = None
+    #: Lab CSV: the folder its relative paths start from (the CSV's own folder when None).
+    csv_root: Path | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class DatasetReader(ABC):
+    """A reader for one dataset layout."""
+
+    #: The `--format` name.
+    name: ClassVar[str]
+    #: One line for `--help` and for the message that says which reader `auto` chose.
+    description: ClassVar[str]
+    #: Generic readers (a lab's folder-per-class) are tried by `auto` only when no specific one matches.
+    generic: ClassVar[bool] = False
+
+    @abstractmethod
+    def locate(self, root: Path) -> Path | None:
+        """The folder under (or at) `root` where this layout starts, or None when `root` is not this layout."""
+
+    @abstractmethod
+    def rows(self, located: Path, options: ReaderOptions, notes: list[str]) -> list[dict[str, Any]]:
+        """One dict per image with at least path (relative to `located`), label and patient_id.
+
+        Anything the user should know (images left out, a guess made) is appended to `notes` as a sentence.
+        """
+
+    def image_root(self, located: Path, options: ReaderOptions) -> Path:
+        """The folder that `rows`' paths are relative to (the manifest's root); `located` unless overridden."""
+        return located
+
+
+_READERS: dict[str, DatasetReader] = {}
+
+R = TypeVar("R", bound=type[DatasetReader])
+
+
+def register(cls: R) -> R:
+    """Class decorator: make a reader available to `scan` under its `name`."""
+    if cls.name in _READERS:
+        raise ValueError(f"a dataset reader named {cls.name!r} is already registered")
+    _READERS[cls.name] = cls()
+    return cls
+
+
+def reader_names() -> list[str]:
+    """Names accepted by `--format` (besides `auto`)."""
+    _load_builtin_readers()
+    return sorted(_READERS)
+
+
+def get_reader(name: str) -> DatasetReader:
+    """The reader registered as `name`."""
+    _load_builtin_readers()
+    try:
+        return _READERS[name]
+    except KeyError:
+        raise DatasetError(
+            f"unknown dataset format {name!r}; choose one of auto, {', '.join(reader_names())}"
+        ) from None
+
+
+def detect_format(root: Path) -> tuple[DatasetReader, Path]:
+    """Pick the reader whose layout `root` has; fails with a message that lists what was found."""
+    _load_builtin_readers()
+    specific = [(r, loc) for r in _READERS.values() if not r.generic and (loc := r.locate(root)) is not None]
+    if len(specific) == 1:
+        return specific[0]
+    if len(specific) > 1:
+        found = "; ".join(f"{loc} ({r.name})" for r, loc in specific)
+        raise DatasetError(f"{root}: holds more than one dataset: {found}. Scan one folder at a time or pass --format")
+    generic = [(r, loc) for r in _READERS.values() if r.generic and (loc := r.locate(root)) is not None]
+    if generic:
+        return generic[0]
+    raise DatasetError(
+        f"{root}: no known dataset layout found. Expected one of: "
+        + "; ".join(f"{r.name}: {r.description}" for r in sorted(_READERS.values(), key=lambda r: r.name))
+        + ". Pass --format to name one"
+    )
+
+
+def _load_builtin_readers() -> None:
+    # Importing the package runs each reader module's `@register`.
+    import blastscan.data.readers  # noqa: F401
