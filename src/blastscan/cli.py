@@ -1,0 +1,185 @@
+"""The `blastscan` command line: parses, calls the library, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from blastscan import __version__
+from blastscan.data.audit import AuditReport, audit, report_summary
+from blastscan.data.manifest import read_manifest, write_manifest
+from blastscan.data.registry import ReaderOptions, reader_names
+from blastscan.data.scan import scan
+from blastscan.data.splits import make_split, read_splits, write_splits
+from blastscan.errors import BlastscanError
+
+app = typer.Typer(help="Leukemia detection in blood smear images: data, training, evaluation.", no_args_is_help=True)
+data_app = typer.Typer(help="Dataset readers, splits, audit and image cache.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+FormatName = StrEnum("FormatName", {name: name for name in ["auto", *reader_names()]})  # type: ignore[misc]
+
+
+def fail(exc: BlastscanError) -> typer.Exit:
+    """Print a library error as one line and exit non-zero."""
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A Rich progress bar; yields the callback the library calls with the number of items done."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@app.command()
+def version() -> None:
+    """Print the blastscan version."""
+    console.print(__version__)
+
+
+@data_app.command("scan")
+def data_scan(
+    root: Annotated[Path, typer.Argument(help="Dataset folder (or a lab CSV file).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
+    format: Annotated[FormatName, typer.Option("--format", "-f", help="Dataset layout.")] = FormatName.auto,  # type: ignore[attr-defined]
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable images out, with a warning.")] = False,
+    cell_types: Annotated[
+        Path | None, typer.Option(help="DeepAPL: JSON file mapping cell type -> leukemic/normal/exclude.")
+    ] = None,
+    labels_csv: Annotated[Path | None, typer.Option(help="C-NMC renamed test set: its labels CSV.")] = None,
+    csv_root: Annotated[Path | None, typer.Option(help="Lab CSV: folder its relative paths start from.")] = None,
+) -> None:
+    """Read a dataset folder into a manifest (one row per image), checking that every image decodes."""
+    try:
+        mapping = json.loads(cell_types.read_text()) if cell_types else None
+        options = ReaderOptions(cell_type_labels=mapping, labels_csv=labels_csv, csv_root=csv_root)
+        with progress_bar("decoding images", total=None) as advance:
+            result = scan(root, format=str(format.value), options=options, skip_bad=skip_bad, progress=advance)
+        write_manifest(result.manifest, out)
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise fail(BlastscanError(f"{cell_types}: cannot read the cell-type mapping ({exc})")) from None
+    how = "recognised as" if result.auto_detected else "read as"
+    console.print(f"{root}: {how} [bold]{result.reader}[/] ({result.manifest.root})")
+    for bad in result.bad_files:
+        err_console.print(f"[yellow]warning:[/] left out {bad.path}: {bad.reason}", highlight=False)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    counts = ", ".join(f"{k}: {v}" for k, v in result.manifest.class_counts().items())
+    patients = result.manifest.table["patient_id"].nunique() if result.manifest.has_patients else "none recorded"
+    console.print(f"wrote {out}: {len(result.manifest)} images ({counts}); patients: {patients}")
+
+
+@data_app.command("split")
+def data_split(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV from `blastscan data scan`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Split CSV to write.")] = Path("splits.csv"),
+    train: Annotated[float, typer.Option(help="Training fraction.")] = 0.7,
+    val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same split.")] = 0,
+    folds: Annotated[int | None, typer.Option(help="Make K grouped folds instead of train/val/test.")] = None,
+    root: Annotated[Path | None, typer.Option(help="Dataset root, if it moved since the scan.")] = None,
+) -> None:
+    """Stratified split grouped by patient (or by duplicate cluster when patients are unknown)."""
+    try:
+        loaded = read_manifest(manifest, root=root)
+        with console.status("grouping and splitting"):
+            result = make_split(loaded, train=train, val=val, test=test, seed=seed, folds=folds)
+        write_splits(result, out)
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    table = Table(title=f"{result.level}-level split, seed {seed} ({result.metadata['groups']} groups)")
+    counts = result.counts()
+    table.add_column("split")
+    for label in counts.columns:
+        table.add_column(str(label), justify="right")
+    for split, row in counts.iterrows():
+        table.add_row(str(split), *(str(int(v)) for v in row))
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+@data_app.command("audit")
+def data_audit(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV from `blastscan data scan`.")],
+    splits: Annotated[Path | None, typer.Option(help="Split CSV to check for leaks.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full audit as JSON.")] = None,
+    near_threshold: Annotated[int, typer.Option(help="pHash distance counted as a near duplicate.")] = 10,
+    root: Annotated[Path | None, typer.Option(help="Dataset root, if it moved since the scan.")] = None,
+) -> None:
+    """Unreadable files, duplicates, class balance and split leakage; exits 1 when the split leaks."""
+    try:
+        loaded = read_manifest(manifest, root=root)
+        split_result = read_splits(splits, loaded) if splits else None
+        with progress_bar("fingerprinting images", total=len(loaded)) as advance:
+            report = audit(loaded, split_result, near_threshold=near_threshold, progress=advance)
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(report.model_dump_json(indent=2))
+    print_audit(report)
+    if json_out:
+        console.print(f"wrote {json_out}")
+    if report.leaks:
+        err_console.print("[bold red]LEAK:[/] the split puts one patient or duplicate cluster on two sides")
+        raise typer.Exit(code=1)
+
+
+def print_audit(report: AuditReport) -> None:
+    """The audit as a short table and the findings worth reading."""
+    table = Table(title=f"audit of {report.dataset} ({report.manifest_rows} images)")
+    table.add_column("check")
+    table.add_column("result", justify="right")
+    for key, value in report_summary(report).items():
+        table.add_row(key, str(value))
+    table.add_row("classes", ", ".join(f"{k}: {v}" for k, v in report.class_counts.items()))
+    table.add_row("image sizes", ", ".join(f"{k} ({v})" for k, v in list(report.image_sizes.items())[:4]))
+    console.print(table)
+    for bad in report.unreadable:
+        console.print(f"unreadable: {bad.path}: {bad.reason}", highlight=False)
+    for dup in report.duplicates[:30]:
+        where = f" [{dup.first_split} / {dup.second_split}]" if dup.first_split else ""
+        console.print(
+            f"{dup.kind} duplicate (distance {dup.distance:g}): {dup.first} ~ {dup.second}{where}", highlight=False
+        )
+    if len(report.duplicates) > 30:
+        console.print(f"... and {len(report.duplicates) - 30} more duplicate pairs (see --json)")
+    for conflict in report.label_conflicts:
+        console.print(f"label conflict: {conflict.first} and {conflict.second} are the same image", highlight=False)
+    for leak in report.patient_leaks:
+        console.print(f"patient {leak.patient_id} in splits {', '.join(leak.splits)}", highlight=False)
+    if report.split_counts:
+        console.print("per split: " + "; ".join(f"{s}: {c}" for s, c in sorted(report.split_counts.items())))
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover - the console-script entry point
+    app()
