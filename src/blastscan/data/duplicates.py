@@ -12,6 +12,7 @@ Three checks, from cheap to thorough:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import warnings
@@ -69,7 +70,17 @@ class DuplicatePair:
 
 
 def fingerprint(path: Path) -> Fingerprint:
-    """Hash one image file (its bytes, its decoded pixels, its perceptual hash)."""
+    """Hash one image file (its bytes, its decoded pixels, its perceptual hash).
+
+    Results are memoised per (path, size, modification time), so a changed file is hashed again.
+    """
+    stat = path.stat()
+    return _fingerprint_cached(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=50_000)
+def _fingerprint_cached(path: Path, size: int, mtime_ns: int) -> Fingerprint:
+    del size, mtime_ns  # part of the cache key only
     data = path.read_bytes()
     pixels = load_rgb(path)
     image = Image.fromarray(pixels)
