@@ -1,0 +1,1 @@
+"""Training: the LightningModule, class-imbalance losses and samplers, and `fit()`."""
