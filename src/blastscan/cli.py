@@ -59,6 +59,48 @@ def version() -> None:
     console.print(__version__)
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/demo"),
+    data: Annotated[
+        Path | None, typer.Option(help="Run on this dataset folder or lab CSV instead of synthetic cells.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the synthetic data and the split.")] = 0,
+) -> None:
+    """Run the whole pipeline on generated SYNTHETIC smear cells (or on --data) and write a run folder."""
+    from blastscan.demo import run_demo
+
+    if data is None:
+        console.print(
+            "[bold yellow]SYNTHETIC DATA[/]: procedurally drawn cells, not patients; pass --data for real data"
+        )
+    try:
+        with console.status("starting") as status:
+            result = run_demo(out, data=data, seed=seed, stage=lambda text: status.update(text))
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    console.print(
+        f"{result.images} images read as {result.reader}: "
+        + ", ".join(f"{k}: {v}" for k, v in result.class_counts.items())
+    )
+    table = Table(title=f"{result.split_level}-level split")
+    labels = sorted({label for row in result.split_counts.values() for label in row})
+    table.add_column("split")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for split, row in sorted(result.split_counts.items()):
+        table.add_row(split, *(str(row.get(label, 0)) for label in labels))
+    console.print(table)
+    console.print("audit: " + ", ".join(f"{k} {v}" for k, v in result.audit.items()))
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    console.print(f"run folder: {result.run_dir} ({timings})")
+    if result.leaks:
+        err_console.print("[bold red]LEAK:[/] the split puts one patient or duplicate cluster on two sides")
+        raise typer.Exit(code=1)
+
+
 @data_app.command("scan")
 def data_scan(
     root: Annotated[Path, typer.Argument(help="Dataset folder (or a lab CSV file).")],

@@ -208,10 +208,10 @@ def _red_cell(size: int, rng: np.random.Generator, center: tuple[float, float], 
 
 
 def _background(size: int, rng: np.random.Generator, stain: StainStyle, cell_radius: float) -> np.ndarray:
-    """Eosin concentration of the smear around the white cell: uneven plasma film plus 1-6 red cells."""
+    """Eosin concentration of the smear around the white cell: uneven plasma film plus 4-11 red cells."""
     film = stain.background_density * (1 + 0.15 * _texture(size, rng, sigma=size / 8))
     red = np.zeros((size, size))
-    for _ in range(int(rng.integers(1, 7))):
+    for _ in range(int(rng.integers(4, 12))):
         radius = size * rng.uniform(0.12, 0.15)
         # Red cells sit around the white cell, many cut by the image border ("partly in view").
         distance = rng.uniform(cell_radius + 0.4 * radius, 0.5 * size * math.sqrt(2) + 0.3 * radius)
@@ -226,8 +226,8 @@ def _background(size: int, rng: np.random.Generator, stain: StainStyle, cell_rad
 
 
 def _centre(size: int, rng: np.random.Generator) -> tuple[float, float]:
-    """The cell centre: the middle of the image, nudged a little."""
-    jitter = rng.normal(scale=0.02 * size, size=2)
+    """The cell centre: near the middle of the image, nudged as a hand-centred crop would be."""
+    jitter = rng.normal(scale=0.06 * size, size=2)
     return (size / 2 + float(jitter[0]), size / 2 + float(jitter[1]))
 
 
