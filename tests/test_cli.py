@@ -1,0 +1,68 @@
+"""The command line, end to end, through the installed `blastscan` entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+BLASTSCAN = [sys.executable, "-m", "blastscan"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BLASTSCAN, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_scan_split_audit_on_allidb2(allidb2_dir: Path, tmp_path: Path) -> None:
+    manifest, splits, audit_json = tmp_path / "m.csv", tmp_path / "s.csv", tmp_path / "a.json"
+    scanned = run("data", "scan", str(allidb2_dir), "--out", str(manifest))
+    assert scanned.returncode == 0, scanned.stderr
+    assert "recognised as all-idb2" in scanned.stdout
+    split = run("data", "split", str(manifest), "--out", str(splits), "--seed", "1")
+    assert split.returncode == 0, split.stderr
+    assert "image-level" in split.stderr  # the warning that ALL-IDB has no patients
+    audited = run("data", "audit", str(manifest), "--splits", str(splits), "--json", str(audit_json))
+    assert audited.returncode == 0, audited.stdout + audited.stderr
+    report = json.loads(audit_json.read_text())
+    assert any(d["first"] == "Im223_0.tif" and d["kind"] == "exact" for d in report["duplicates"])
+
+    # Move an exact duplicate to the other side: the audit must fail the split.
+    table = pd.read_csv(splits, skiprows=1)
+    side = dict(zip(table["path"], table["split"], strict=True))
+    table.loc[table["path"] == "Im257_0.tif", "split"] = "test" if side["Im223_0.tif"] != "test" else "train"
+    leaky = tmp_path / "leaky.csv"
+    table.to_csv(leaky, index=False)
+    leaked = run("data", "audit", str(manifest), "--splits", str(leaky))
+    assert leaked.returncode == 1
+    assert "LEAK" in leaked.stderr
+
+
+def test_bad_input_gets_one_line_error(tmp_path: Path) -> None:
+    missing = run("data", "scan", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert "no such file or folder" in missing.stderr and "Traceback" not in missing.stderr
+    not_manifest = tmp_path / "x.csv"
+    not_manifest.write_text("a,b\n1,2\n")
+    split = run("data", "split", str(not_manifest))
+    assert split.returncode == 2 and "not a blastscan manifest" in split.stderr
+
+
+def test_demo_on_synthetic_data(tmp_path: Path) -> None:
+    result = run("demo", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SYNTHETIC" in result.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert "SYNTHETIC" in summary["WARNING"]
+    assert summary["split_level"] == "patient" and not summary["leaks"]
+    for name in ("manifest.csv", "splits.csv", "audit.json", "data/README.txt"):
+        assert (tmp_path / "demo" / name).is_file()
+
+
+def test_demo_on_real_data(allidb2_dir: Path, tmp_path: Path) -> None:
+    result = run("demo", "--out", str(tmp_path / "demo"), "--data", str(allidb2_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert not summary["synthetic"] and summary["reader"] == "all-idb2" and summary["images"] == 260
