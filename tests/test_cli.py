@@ -26,6 +26,8 @@ def test_scan_split_audit_on_allidb2(allidb2_dir: Path, tmp_path: Path) -> None:
     assert "image-level" in split.stderr  # the warning that ALL-IDB has no patients
     audited = run("data", "audit", str(manifest), "--splits", str(splits), "--json", str(audit_json))
     assert audited.returncode == 0, audited.stdout + audited.stderr
+    cached = run("data", "cache", str(manifest), "--size", "32", "--cache-dir", str(tmp_path / "cache"))
+    assert cached.returncode == 0 and "260 decoded" in cached.stdout, cached.stdout + cached.stderr
     report = json.loads(audit_json.read_text())
     assert any(d["first"] == "Im223_0.tif" and d["kind"] == "exact" for d in report["duplicates"])
 

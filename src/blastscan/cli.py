@@ -194,6 +194,29 @@ def data_audit(
         raise typer.Exit(code=1)
 
 
+@data_app.command("cache")
+def data_cache(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV from `blastscan data scan`.")],
+    size: Annotated[int, typer.Option(help="Side of the square training resolution, in pixels.")] = 224,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default: $BLASTSCAN_CACHE or .cache).")] = None,
+    workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
+    root: Annotated[Path | None, typer.Option(help="Dataset root, if it moved since the scan.")] = None,
+) -> None:
+    """Decode and resize every image once into the memory-mapped cache that training reads."""
+    from blastscan.data.cache import ImageCache
+
+    try:
+        loaded = read_manifest(manifest, root=root)
+        cache = ImageCache(loaded, size=size, cache_dir=cache_dir)
+        with progress_bar("decoding into the cache", total=len(loaded)) as advance:
+            stats = cache.build(workers=workers, progress=advance)
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    console.print(
+        f"cache {cache.path}: {stats.decoded} decoded, {stats.reused} reused, {stats.seconds:.1f}s", highlight=False
+    )
+
+
 def print_audit(report: AuditReport) -> None:
     """The audit as a short table and the findings worth reading."""
     table = Table(title=f"audit of {report.dataset} ({report.manifest_rows} images)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from blastscan.data.audit import audit, report_summary
+from blastscan.data.cache import ImageCache
 from blastscan.data.manifest import write_manifest
 from blastscan.data.scan import scan
 from blastscan.data.splits import make_split, write_splits
@@ -49,9 +50,11 @@ def run_demo(
     out: str | Path,
     data: str | Path | None = None,
     seed: int = 0,
+    image_size: int = 128,
     stage: Callable[[str], None] | None = None,
 ) -> DemoResult:
-    """Run scan -> split -> audit into `out` on `data` (a dataset folder or lab CSV), or on synthetic cells.
+    """Run scan -> split -> audit -> image cache into `out` on `data` (a dataset folder or lab CSV), or on
+    synthetic cells.
 
     `stage` is called with a short description as each stage starts (the CLI shows it).
     """
@@ -82,6 +85,8 @@ def run_demo(
     write_splits(split, run_dir / "splits.csv")
     report = timed("audit", "auditing files, duplicates and the split", lambda: audit(manifest, split))
     (run_dir / "audit.json").write_text(report.model_dump_json(indent=2))
+    cache = ImageCache(manifest, size=image_size)
+    timed("cache", f"decoding images into the {image_size}px cache", cache.build)
 
     result = DemoResult(
         run_dir=run_dir,
