@@ -148,6 +148,19 @@ def test_size_and_row_order_are_part_of_the_key(dataset: Manifest, cache_dir: Pa
     np.testing.assert_array_equal(backwards[0], small[-1])
 
 
+def test_a_transform_is_applied_and_keyed(dataset: Manifest, cache_dir: Path) -> None:
+    plain = ImageCache(dataset, size=SIZE, cache_dir=cache_dir)
+    plain.build()
+    inverted = ImageCache(
+        dataset, size=SIZE, cache_dir=cache_dir, transform=lambda row: 255 - row, transform_key={"invert": 1}
+    )
+    inverted.build()
+    assert inverted.path != plain.path
+    np.testing.assert_array_equal(inverted[0], 255 - plain[0])
+    with pytest.raises(ValueError, match="transform_key"):
+        ImageCache(dataset, size=SIZE, cache_dir=cache_dir, transform=lambda row: row)
+
+
 def test_rows_cannot_be_read_before_build(dataset: Manifest, cache_dir: Path) -> None:
     cache = ImageCache(dataset, size=SIZE, cache_dir=cache_dir)
     with pytest.raises(DatasetError, match="not built"):

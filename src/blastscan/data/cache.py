@@ -107,13 +107,25 @@ class ImageCache:
     so it can be handed to DataLoader worker processes.
     """
 
-    def __init__(self, manifest: Manifest, size: int = 224, cache_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        size: int = 224,
+        cache_dir: str | Path | None = None,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        transform_key: dict[str, Any] | None = None,
+    ) -> None:
+        """`transform` (e.g. a fitted stain normaliser's `normalize`) runs on each resized row before it is stored;
+        `transform_key` describes it (its fitted state) and becomes part of the entry's key."""
         if int(size) != size or size < 1:
             raise ValueError(f"size must be a positive integer, not {size!r}")
         if len(manifest) == 0:
             raise DatasetError("cannot cache an empty manifest: it has no rows")
+        if transform is not None and transform_key is None:
+            raise ValueError("a cache transform needs a transform_key that describes it (it is part of the key)")
         self.manifest = manifest
         self.size = int(size)
+        self.transform = transform
         root = manifest.root.resolve()
         self.sources: list[Path] = [root / p for p in manifest.table["path"]]
         self.cache_dir = Path(cache_dir).expanduser().absolute() if cache_dir is not None else default_cache_dir()
@@ -127,6 +139,7 @@ class ImageCache:
             "format": CACHE_FORMAT,
             "size": self.size,
             "preprocessing": preprocessing(self.size),
+            **({"transform": transform_key} if transform_key is not None else {}),
             "paths": [str(p) for p in self.sources],
         }
         self.key = hashlib.sha256(json.dumps(self._entry, sort_keys=True).encode("utf-8")).hexdigest()
@@ -166,6 +179,7 @@ class ImageCache:
         state = self.__dict__.copy()
         state["_memmap"] = None
         state["_rows"] = None
+        state["transform"] = None  # readers never decode, so workers need no transform
         return state
 
     def _open_for_reading(self) -> None:
@@ -238,7 +252,8 @@ class ImageCache:
 
         def decode(i: int) -> None:
             # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
-            data[i] = resize_rgb(load_rgb(self.sources[i], min_side=size), size)
+            row = resize_rgb(load_rgb(self.sources[i], min_side=size), size)
+            data[i] = self.transform(row) if self.transform is not None else row
 
         def checkpoint() -> None:
             data.flush()
