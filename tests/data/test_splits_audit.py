@@ -141,5 +141,14 @@ def test_bad_fractions_and_one_class(tmp_path: Path) -> None:
     with pytest.raises(SplitError, match="cannot make"):
         make_split(manifest, train=0.9, val=0.05, test=0.05)
     manifest.table["label"] = "leukemic"
-    with pytest.raises(SplitError, match="one label only"):
-        make_split(manifest)
+    assert any("cannot be stratified" in w for w in make_split(manifest).warnings)
+
+
+def test_bccd_split_and_audit(bccd_dir: Path) -> None:
+    manifest = scan(bccd_dir, verify=False).manifest
+    result = make_split(manifest)
+    assert set(result.table["split"]) == {"train", "val", "test"}
+    assert any("cannot be stratified" in w for w in result.warnings)
+    report = audit(manifest, result)
+    assert not report.unreadable and not report.leaks
+    assert report.image_sizes.get("640x480", 0) >= 360

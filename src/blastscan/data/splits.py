@@ -120,8 +120,6 @@ def make_split(
     if folds is not None and folds < 2:
         raise SplitError(f"--folds must be at least 2, got {folds}")
     labels = manifest.table["label"].astype(str).to_numpy()
-    if len(set(labels)) < 2:
-        raise SplitError(f"the manifest has one label only ({labels[0]!r}); a stratified split needs two classes")
     groups, level, group_info = _groups(manifest, near_threshold, check_overlap, workers)
     groups_per_class = min(len(set(groups[labels == label])) for label in set(labels))
 
@@ -146,6 +144,8 @@ def make_split(
 
     table = pd.DataFrame({"path": manifest.table["path"], "split": split, "group": groups, "label": labels})
     warnings = [IMAGE_LEVEL_WARNING] if level == "image" else []
+    if len(set(labels)) < 2:
+        warnings.append(f"every image has the label {labels[0]!r}: the split is grouped but cannot be stratified")
     for name in sorted(set(split)):
         missing = sorted(set(labels) - set(labels[split == name]))
         if missing:
