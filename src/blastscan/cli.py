@@ -101,6 +101,51 @@ def demo(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (see configs/).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set trainer.max_epochs=5.")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="Resume the run in this folder from its last checkpoint.")] = None,
+    devices: Annotated[int | None, typer.Option(help="Processes / GPUs for data-parallel training.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
+    freeze_backbone: Annotated[
+        bool | None, typer.Option("--freeze-backbone/--train-backbone", help="Train only the classifier head.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a leukemic-vs-normal classifier and write a self-describing run folder."""
+    from blastscan.training.config import load_config
+    from blastscan.training.fit import load_run_config
+    from blastscan.training.fit import train as train_run
+
+    overrides = list(set_ or [])
+    if devices is not None:
+        overrides.append(f"trainer.devices={devices}")
+    if strategy is not None:
+        overrides.append(f"trainer.strategy={strategy}")
+    if freeze_backbone is not None:
+        overrides.append(f"model.freeze_backbone={str(freeze_backbone).lower()}")
+    try:
+        if resume is not None:
+            loaded = load_run_config(resume, overrides)
+        elif config is not None:
+            loaded = load_config(config, overrides)
+        else:
+            raise BlastscanError("pass --config configs/<name>.yaml, or --resume runs/<name>")
+        result = train_run(loaded, resume=resume is not None, progress_bar=progress)
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    best = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
+    stop = "stopped early" if result.stopped_early else "ran all epochs"
+    console.print(
+        f"run {result.run_dir}: {result.epochs} epochs ({stop}); best {result.monitor} {best} "
+        f"at epoch {result.best_epoch}; weights in {result.run_dir / 'best.safetensors'}",
+        highlight=False,
+    )
+
+
 @data_app.command("scan")
 def data_scan(
     root: Annotated[Path, typer.Argument(help="Dataset folder (or a lab CSV file).")],

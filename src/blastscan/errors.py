@@ -15,3 +15,7 @@ class SplitError(BlastscanError):
 
 class ConfigError(BlastscanError):
     """A configuration key or value is wrong."""
+
+
+class TrainingError(BlastscanError):
+    """Training cannot go on: a NaN loss, an empty class, a leaking split, a damaged checkpoint."""

@@ -122,27 +122,34 @@ def make_loss(name: str, class_counts: Sequence[int], **params: Any) -> nn.Modul
     raise ConfigError(f"class_balanced base must be 'ce' or 'focal', got {options['base']!r}")
 
 
+def balanced_sample_weights(labels: Sequence[int]) -> torch.Tensor:
+    """Per-sample weight 1 / (count of its class), so weighted draws give every class equal probability.
+
+    Classes are 0 .. max(labels); one with no sample raises ConfigError.
+    """
+    label_tensor = torch.as_tensor(list(labels), dtype=torch.long)
+    if label_tensor.numel() == 0:
+        raise ConfigError("class-balanced sampling got no labels; the training split is empty")
+    if (label_tensor < 0).any():
+        raise ConfigError(f"labels must be class indices >= 0, found {int(label_tensor.min())}")
+    counts = torch.bincount(label_tensor)
+    _checked_counts(counts.tolist())
+    return (1.0 / counts.double())[label_tensor]
+
+
 def class_balanced_sampler(
     labels: Sequence[int],
     generator: torch.Generator | None = None,
     num_samples: int | None = None,
 ) -> WeightedRandomSampler:
-    """A sampler drawing (with replacement) every class equally often: sample weight 1 / count of its class.
+    """A sampler drawing (with replacement) every class equally often (weights from `balanced_sample_weights`).
 
-    Classes are 0 .. max(labels); one with no sample raises ConfigError. Draws len(labels) indices per epoch
-    unless `num_samples` is given.
+    Draws len(labels) indices per epoch unless `num_samples` is given.
     """
-    label_tensor = torch.as_tensor(list(labels), dtype=torch.long)
-    if label_tensor.numel() == 0:
-        raise ConfigError("class_balanced_sampler got no labels; the training split is empty")
-    if (label_tensor < 0).any():
-        raise ConfigError(f"labels must be class indices >= 0, found {int(label_tensor.min())}")
-    counts = torch.bincount(label_tensor)
-    _checked_counts(counts.tolist())
-    sample_weights = (1.0 / counts.double())[label_tensor]
+    sample_weights = balanced_sample_weights(labels)
     return WeightedRandomSampler(
         sample_weights,
-        num_samples=len(label_tensor) if num_samples is None else num_samples,
+        num_samples=len(sample_weights) if num_samples is None else num_samples,
         replacement=True,
         generator=generator,
     )

@@ -1,0 +1,155 @@
+"""Training configuration: YAML files validated by pydantic, with `--set key=value` overrides.
+
+An unknown key anywhere is an error that names it (pydantic `extra="forbid"`), so a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from blastscan.data.transforms import AugmentConfig
+from blastscan.errors import ConfigError
+
+#: Where `$BLASTSCAN_DATA` points when the variable is not set (the shared datasets beside the repository).
+DEFAULT_DATA_DIR = "../shared/datasets"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SplitConfig(_Strict):
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    root: str = Field(description="Dataset folder, lab CSV, or a manifest CSV; $BLASTSCAN_DATA is expanded.")
+    format: str = Field("auto", description="Reader for `root` (see `blastscan data scan --help`).")
+    splits: str | None = Field(None, description="An existing split file; made from `split` when not given.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    image_size: int = Field(224, ge=32, le=1024, description="Side of the square training images, in pixels.")
+    positive_label: str = Field("leukemic", description="The label that is class 1; every other label is class 0.")
+    stain_normalization: Literal["none", "reinhard", "macenko"] = Field(
+        "none", description="Normalise every image to a reference training image before caching."
+    )
+    cache_dir: str | None = None
+
+    def resolved_root(self) -> Path:
+        """`root` with `$BLASTSCAN_DATA` (default ../shared/datasets) and `~` expanded."""
+        data_dir = os.environ.get("BLASTSCAN_DATA", DEFAULT_DATA_DIR)
+        text = self.root.replace("${BLASTSCAN_DATA}", data_dir).replace("$BLASTSCAN_DATA", data_dir)
+        return Path(os.path.expandvars(text)).expanduser()
+
+
+class ModelConfig(_Strict):
+    name: str = "tf_efficientnet_lite0"
+    pretrained: str | None = Field("package", description="None, 'hub', 'file:PATH' or 'package'.")
+    drop_rate: float = Field(0.3, ge=0, lt=1)
+    freeze_backbone: bool = Field(False, description="Train only the head (until `unfreeze_epoch`, if set).")
+    unfreeze_epoch: int | None = Field(None, ge=0, description="Staged unfreezing: the epoch the backbone thaws.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the model.")
+
+
+class LossConfig(_Strict):
+    name: Literal["ce", "weighted_ce", "class_balanced", "focal"] = "weighted_ce"
+    params: dict[str, Any] = Field(default_factory=dict)
+    sampler: Literal["none", "balanced"] = Field("none", description="'balanced' draws classes equally often.")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (the seed paper's 1e-3).")
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["none", "cosine", "plateau"] = "none"
+    grad_clip: float | None = Field(None, gt=0, description="Clip gradients to this global norm.")
+
+
+class TrainerConfig(_Strict):
+    max_epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1, description="Early stopping: epochs without improvement of `monitor`.")
+    monitor: Literal["val_auroc", "val_loss"] = "val_auroc"
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0)
+    accelerator: str = "auto"
+    devices: int = Field(1, ge=1)
+    strategy: str = "auto"
+    precision: str = "32-true"
+    limit_train_batches: float | int | None = None
+    log_every_n_steps: int = 10
+
+
+class TrainConfig(_Strict):
+    """A whole experiment: what to train on, which model, how."""
+
+    name: str = Field(description="Run name: the run folder is `<runs_dir>/<name>`.")
+    seed: int = 0
+    runs_dir: str = "runs"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError(f"run name {value!r} must be a plain folder name")
+        return value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings (values parsed as YAML: numbers, booleans, lists) to a config tree."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set trainer.max_epochs=5")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def parse_config(tree: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate a config tree; errors name the key path and what was wrong."""
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: "
+            + ("unknown key (check the spelling)" if err["type"] == "extra_forbidden" else err["msg"])
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; see configs/ for examples")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return parse_config(apply_overrides(tree, overrides or []), source=str(path))

@@ -1,0 +1,129 @@
+"""Everything a run needs before the first step: manifest, split (audited), class targets, image cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from blastscan.data.audit import AuditReport, audit
+from blastscan.data.cache import ImageCache
+from blastscan.data.manifest import MANIFEST_MAGIC, Manifest, read_manifest
+from blastscan.data.scan import scan
+from blastscan.data.splits import SplitResult, make_split, read_splits
+from blastscan.data.stain import create_stain_method, foreground_mask
+from blastscan.errors import ConfigError, TrainingError
+from blastscan.training.config import TrainConfig
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PreparedData:
+    """A run's data: the manifest, its audited split, class targets (1 = positive label) and the cache."""
+
+    manifest: Manifest
+    splits: SplitResult
+    audit: AuditReport
+    targets: np.ndarray
+    split_rows: dict[str, np.ndarray]
+    cache: ImageCache
+    stain_state: dict | None
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Images of class 0 and class 1 in `split`."""
+        counts = np.bincount(self.targets[self.split_rows[split]], minlength=2)
+        return [int(c) for c in counts]
+
+
+def _is_manifest(path: Path) -> bool:
+    if not path.is_file() or path.suffix.lower() != ".csv":
+        return False
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        return fh.readline().startswith(MANIFEST_MAGIC)
+
+
+def load_manifest(config: TrainConfig) -> Manifest:
+    """The manifest named by `data.root`: read it if it is a manifest CSV, otherwise scan the dataset there."""
+    root = config.data.resolved_root()
+    if _is_manifest(root):
+        return read_manifest(root)
+    return scan(root, format=config.data.format).manifest
+
+
+def class_targets(manifest: Manifest, positive_label: str) -> np.ndarray:
+    """1 where the label is `positive_label`, else 0; refuses a manifest without that label or with one class."""
+    labels = manifest.table["label"].astype(str)
+    present = sorted(set(labels))
+    if positive_label not in present:
+        raise ConfigError(f"data.positive_label: {positive_label!r} is not a label of this dataset ({present})")
+    if len(present) < 2:
+        raise TrainingError(f"the dataset has only the label {positive_label!r}; a classifier needs two classes")
+    return (labels == positive_label).to_numpy().astype(np.int64)
+
+
+def _split_rows(splits: SplitResult) -> dict[str, np.ndarray]:
+    names = splits.table["split"].astype(str).to_numpy()
+    unknown = sorted(set(names) - set(SPLITS))
+    if unknown:
+        raise ConfigError(f"the split file has splits {unknown}; training needs train/val/test (not --folds)")
+    return {name: np.flatnonzero(names == name) for name in SPLITS}
+
+
+def _check_classes(targets: np.ndarray, rows: dict[str, np.ndarray], positive_label: str) -> None:
+    for split in ("train", "val"):
+        counts = np.bincount(targets[rows[split]], minlength=2)
+        for cls, count in enumerate(counts):
+            if count == 0:
+                name = positive_label if cls == 1 else f"not {positive_label}"
+                raise TrainingError(
+                    f"the {split} split has no images of class {cls} ({name}); re-split with another seed or "
+                    "other fractions, or add data"
+                )
+
+
+def _reference_row(cache: ImageCache, rows: np.ndarray, limit: int = 64) -> int:
+    """The training image whose mean foreground colour is nearest the median: a typical stain to normalise to."""
+    sample = rows[np.linspace(0, len(rows) - 1, min(limit, len(rows))).astype(int)]
+    colours = []
+    for row in sample:
+        image = np.asarray(cache[int(row)])
+        mask = foreground_mask(image)
+        colours.append(image[mask].mean(axis=0) if mask.any() else np.full(3, np.inf))
+    colours_array = np.array(colours)
+    median = np.median(colours_array[np.isfinite(colours_array).all(axis=1)], axis=0)
+    return int(sample[np.argmin(np.linalg.norm(colours_array - median, axis=1))])
+
+
+def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
+    """Load or scan the dataset, load or make the split, audit it (a leak stops the run), fill the cache."""
+    manifest = load_manifest(config)
+    split_cfg = config.data.split
+    if config.data.splits:
+        splits = read_splits(Path(config.data.splits).expanduser(), manifest)
+    else:
+        splits = make_split(manifest, split_cfg.train, split_cfg.val, split_cfg.test, seed=split_cfg.seed)
+    report = audit(manifest, splits)
+    if report.leaks:
+        raise TrainingError(
+            f"the split leaks ({len(report.patient_leaks)} patient(s) and {len(report.duplicate_leaks)} duplicate "
+            "pair(s) straddle splits; see `blastscan data audit`); no result from it would be honest"
+        )
+    targets = class_targets(manifest, config.data.positive_label)
+    rows = _split_rows(splits)
+    _check_classes(targets, rows, config.data.positive_label)
+
+    size, cache_dir = config.data.image_size, config.data.cache_dir
+    cache = ImageCache(manifest, size=size, cache_dir=cache_dir)
+    cache.build(workers=workers)
+    stain_state = None
+    if config.data.stain_normalization != "none":
+        normalizer = create_stain_method(config.data.stain_normalization)
+        normalizer.fit(np.asarray(cache[_reference_row(cache, rows["train"])]))
+        stain_state = normalizer.to_dict()
+        cache = ImageCache(
+            manifest, size=size, cache_dir=cache_dir, transform=normalizer.normalize, transform_key=stain_state
+        )
+        cache.build(workers=workers)
+    return PreparedData(manifest, splits, report, targets, rows, cache, stain_state)

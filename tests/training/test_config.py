@@ -1,0 +1,46 @@
+"""Training configs: strict keys, overrides, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blastscan.errors import ConfigError
+from blastscan.training.config import apply_overrides, load_config, parse_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_are_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.name == path.stem
+    assert config.optim.lr == 1e-3
+    assert config.trainer.monitor == "val_auroc"
+
+
+def test_the_default_config_uses_packaged_pretrained_weights() -> None:
+    config = load_config(Path(CONFIGS[0]).parent / "allidb2_efficientnet_lite0.yaml")
+    assert config.model.name == "tf_efficientnet_lite0" and config.model.pretrained == "package"
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.max_epoch: unknown key"):
+        parse_config({"name": "x", "data": {"root": "d"}, "trainer": {"max_epoch": 3}})
+    with pytest.raises(ConfigError, match=r"data\.image_size"):
+        parse_config({"name": "x", "data": {"root": "d", "image_size": 8}})
+
+
+def test_overrides_parse_yaml_values() -> None:
+    tree = apply_overrides({"name": "x", "data": {"root": "d"}}, ["trainer.max_epochs=4", "augment.zoom=[1, 1]"])
+    config = parse_config(tree)
+    assert config.trainer.max_epochs == 4 and tuple(config.augment.zoom) == (1, 1)
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["trainer.max_epochs"])
+
+
+def test_data_root_expands_blastscan_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLASTSCAN_DATA", "/somewhere")
+    config = parse_config({"name": "x", "data": {"root": "$BLASTSCAN_DATA/ALL_IDB/ALL_IDB2"}})
+    assert config.data.resolved_root() == Path("/somewhere/ALL_IDB/ALL_IDB2")

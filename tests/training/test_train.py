@@ -1,0 +1,170 @@
+"""Training end to end on SYNTHETIC cells: run folder, resume after a kill, bad input, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blastscan.data.scan import scan
+from blastscan.errors import ConfigError, TrainingError
+from blastscan.models import create
+from blastscan.training.config import parse_config
+from blastscan.training.fit import train
+from training.conftest import fast_config
+
+RUN_FILES = (
+    "config.yaml",
+    "manifest.csv",
+    "splits.csv",
+    "audit.json",
+    "model.json",
+    "best.safetensors",
+    "checkpoints/last.ckpt",
+    "checkpoints/best.ckpt",
+    "metrics.csv",
+    "training_curves.png",
+    "augmentations.png",
+)
+
+
+def test_training_leaves_a_complete_run_folder(synthetic_csv: Path, tmp_path: Path) -> None:
+    config = parse_config(fast_config(synthetic_csv, tmp_path))
+    result = train(config, progress_bar=False)
+    run = result.run_dir
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith("epoch") and len(metrics) == 1 + 3
+    assert "val_auroc" in metrics[0] and "images_per_s" in metrics[0]
+    card = json.loads((run / "model.json").read_text())
+    model = create(card["name"], num_classes=2, **card["options"])
+    model.load_state_dict(load_file(run / "best.safetensors"))
+    with pytest.raises(ConfigError, match="exists"):
+        train(config, progress_bar=False)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from lightning.pytorch.callbacks import Callback
+    from blastscan.training.config import parse_config
+    from blastscan.training.fit import train
+
+    class KillAt(Callback):
+        def __init__(self, step):
+            self.step = step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step >= self.step:
+                os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, like a power cut
+
+    tree = json.loads(sys.argv[1])
+    train(parse_config(tree), progress_bar=False, extra_callbacks=[KillAt(int(sys.argv[2]))])
+    """
+)
+
+
+def test_a_killed_run_resumes_to_the_same_end(synthetic_csv: Path, tmp_path: Path) -> None:
+    whole = parse_config(fast_config(synthetic_csv, tmp_path / "whole"))
+    train(whole, progress_bar=False)
+
+    tree = fast_config(synthetic_csv, tmp_path / "killed")
+    steps_per_epoch = (
+        torch.load(tmp_path / "whole" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] // 3
+    )
+    kill_step = steps_per_epoch + steps_per_epoch // 2  # halfway through the second epoch
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, json.dumps(tree), str(kill_step)], capture_output=True, text=True
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    last = tmp_path / "killed" / "tiny" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # only the first epoch was saved
+    train(parse_config(tree), resume=True, progress_bar=False)
+
+    expected = load_file(tmp_path / "whole" / "tiny" / "best.safetensors")
+    resumed = load_file(tmp_path / "killed" / "tiny" / "best.safetensors")
+    for key, value in expected.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+    ends = [
+        torch.load(p / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+        for p in (tmp_path / "whole", tmp_path / "killed")
+    ]
+    assert ends[0]["global_step"] == ends[1]["global_step"]
+    for key, value in ends[0]["state_dict"].items():
+        torch.testing.assert_close(ends[1]["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_damaged_checkpoint_is_refused_clearly(synthetic_csv: Path, tmp_path: Path) -> None:
+    config = parse_config(fast_config(synthetic_csv, tmp_path, trainer__max_epochs=1))
+    train(config, progress_bar=False)
+    last = tmp_path / "tiny" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(TrainingError, match="cannot be read"):
+        train(config, resume=True, progress_bar=False)
+
+
+def test_nan_loss_stops_the_run(synthetic_csv: Path, tmp_path: Path) -> None:
+    config = parse_config(fast_config(synthetic_csv, tmp_path, optim__lr=1e30))
+    with pytest.raises(TrainingError, match="loss became"):
+        train(config, progress_bar=False)
+
+
+def test_an_empty_class_in_training_stops_the_run(synthetic_csv: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    # The same cells without patient IDs, and a split that sends every normal cell to val/test.
+    table = pd.read_csv(synthetic_csv).drop(columns=["patient_id"])
+    lab_csv = synthetic_csv.parent / "labels_without_patients.csv"
+    table.to_csv(lab_csv, index=False)
+    manifest = scan(lab_csv, verify=False).manifest
+    split = [
+        "train" if label == "leukemic" and i % 3 else ("val" if i % 2 else "test")
+        for i, label in enumerate(manifest.table["label"])
+    ]
+    splits = tmp_path / "splits.csv"
+    pd.DataFrame({"path": manifest.table["path"], "split": split}).to_csv(splits, index=False)
+    config = parse_config(fast_config(lab_csv, tmp_path, data__splits=str(splits)))
+    with pytest.raises(TrainingError, match="train split has no images of class 0"):
+        train(config, progress_bar=False)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the DDP test uses gloo on Linux")
+def test_two_process_ddp_on_cpu(synthetic_csv: Path, tmp_path: Path) -> None:
+    import yaml
+
+    config_path = tmp_path / "ddp.yaml"
+    config_path.write_text(yaml.safe_dump(fast_config(synthetic_csv, tmp_path, trainer__max_epochs=1)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blastscan",
+            "train",
+            "--config",
+            str(config_path),
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+            "--no-progress",
+            "--set",
+            "trainer.accelerator=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
+    assert (tmp_path / "tiny" / "best.safetensors").is_file()
