@@ -58,13 +58,21 @@ def test_demo_on_synthetic_data(tmp_path: Path) -> None:
     assert "SYNTHETIC" in result.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert "SYNTHETIC" in summary["WARNING"]
-    assert summary["split_level"] == "patient" and not summary["leaks"]
-    for name in ("manifest.csv", "splits.csv", "audit.json", "data/README.txt"):
+    assert summary["split_level"] == "patient" and summary["audit"]["patients straddling splits"] == 0
+    assert summary["epochs"] >= 1 and summary["best_val_auroc"] is not None
+    for name in ("manifest.csv", "splits.csv", "audit.json", "data/README.txt", "best.safetensors", "metrics.csv"):
         assert (tmp_path / "demo" / name).is_file()
+    again = run("demo", "--out", str(tmp_path / "demo"), "--epochs", "1")  # a re-run replaces the old demo
+    assert again.returncode == 0, again.stdout + again.stderr
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    refused = run("demo", "--out", str(tmp_path / "mine"))
+    assert refused.returncode == 2 and "not a blastscan demo folder" in refused.stderr
 
 
 def test_demo_on_real_data(allidb2_dir: Path, tmp_path: Path) -> None:
-    result = run("demo", "--out", str(tmp_path / "demo"), "--data", str(allidb2_dir))
+    result = run("demo", "--out", str(tmp_path / "demo"), "--data", str(allidb2_dir), "--epochs", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert not summary["synthetic"] and summary["reader"] == "all-idb2" and summary["images"] == 260
+    assert not summary["synthetic"] and summary["images"] == 260 and summary["split_level"] == "image"
+    assert summary["model"] == "tf_efficientnet_lite0"

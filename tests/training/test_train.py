@@ -166,5 +166,27 @@ def test_two_process_ddp_on_cpu(synthetic_csv: Path, tmp_path: Path) -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
+    assert "on 2 process(es)" in output
     assert (tmp_path / "tiny" / "best.safetensors").is_file()
+
+
+def test_frozen_backbone_then_staged_unfreezing(synthetic_csv: Path, tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import Callback
+
+    class RecordWeights(Callback):
+        def __init__(self) -> None:
+            self.stem: list[torch.Tensor] = []
+            self.head: list[torch.Tensor] = []
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            convs = [m for m in pl_module.model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+            linears = [m for m in pl_module.model.get_classifier().modules() if isinstance(m, torch.nn.Linear)]
+            self.stem.append(convs[0].weight.detach().clone())
+            self.head.append(linears[-1].weight.detach().clone())
+
+    recorder = RecordWeights()
+    config = parse_config(fast_config(synthetic_csv, tmp_path, model__freeze_backbone=True, model__unfreeze_epoch=2))
+    train(config, progress_bar=False, extra_callbacks=[recorder])
+    assert torch.equal(recorder.stem[0], recorder.stem[1])  # frozen in epochs 0 and 1
+    assert not torch.equal(recorder.head[0], recorder.head[1])  # the head trains
+    assert not torch.equal(recorder.stem[1], recorder.stem[2])  # thawed at epoch 2

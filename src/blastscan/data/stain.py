@@ -585,6 +585,20 @@ class StainJitter:
         beta = torch.nn.functional.pad(self.sigma_beta * (2.0 * u[:, 3:] - 1.0), (0, 1))
         return self.apply_batch_with(batch, alpha, beta)
 
+    def _torch_basis(self, dtype: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stain basis and its inverse as tensors, copied to each device once (a per-step copy from numpy
+        would make the CPU wait for the GPU every step)."""
+        import torch
+
+        cache = self.__dict__.setdefault("_torch_bases", {})
+        key = (dtype, str(device))
+        if key not in cache:
+            cache[key] = (
+                torch.as_tensor(self.basis, dtype=dtype, device=device),
+                torch.as_tensor(self.basis_inv, dtype=dtype, device=device),
+            )
+        return cache[key]
+
     def apply_batch_with(self, batch: torch.Tensor, alpha: Any, beta: Any) -> torch.Tensor:
         """`apply_batch` with given (B, 3) `alpha` and `beta` (tensors or arrays)."""
         import torch
@@ -594,8 +608,8 @@ class StainJitter:
         x = batch.to(dtype)
         alpha = torch.as_tensor(alpha, dtype=dtype, device=x.device)
         beta = torch.as_tensor(beta, dtype=dtype, device=x.device)
-        basis = torch.as_tensor(self.basis, dtype=dtype, device=x.device)
-        od_map = torch.as_tensor(self.basis_inv, dtype=dtype, device=x.device) @ (alpha[:, :, None] * basis)
+        basis, basis_inv = self._torch_basis(dtype, x.device)
+        od_map = basis_inv @ (alpha[:, :, None] * basis)
         offset = beta @ basis
         eps = 1.0 / 255.0  # the uint8 path's +1
 

@@ -2,14 +2,17 @@
 
 `BatchAugment` runs in the LightningModule's `on_after_batch_transfer`, on whole batches, so the data path stays a
 cheap uint8 copy. In order: flips and multiples of 90 degrees, one `grid_sample` for rotation + zoom (the flips and
-90-degree turns are folded into the same matrix when it runs), stain jitter (`StainJitter`, before the camera-like
-changes because stain varies in the slide, brightness in the acquisition), brightness and contrast, clamp to [0, 1],
-then `(x - mean) / std`.
+quarter turns are folded into the same matrix when it runs; without rotation or zoom they are exact pixel moves),
+stain jitter (`StainJitter`; before the camera-like changes, because stain varies in the slide and brightness in
+the acquisition), brightness and contrast, clamp to [0, 1], then `(x - mean) / std`. What rotation and zoom-out
+bring in from outside the image takes the image's border colour: pale glass on smears, black for cells on black.
 
 Randomness: every per-image parameter comes from one `torch.rand((B, 12))` drawn with the `generator` argument on
-that generator's own device (CPU when it is None), then moved to the batch's device. A CPU generator therefore
-works for CPU and CUDA batches alike, its state is a small CPU tensor to checkpoint, and the same seed draws the
-same parameters on any device. The same generator state gives the same output (bit-identical on one device).
+that generator's own device (CPU when it is None), worked out there and moved to the batch's device in one
+asynchronous copy. Use a CPU `torch.Generator` (recommended, also for CUDA batches): its state is a small CPU tensor
+to checkpoint, the same seed draws the same parameters on any device, and the per-image arithmetic stays off the
+GPU's launch queue. A generator on the batch's device works too. The same generator state gives the same output
+(bit-identical on one device), which is what exactly-reproducible resumed training needs.
 """
 
 from __future__ import annotations

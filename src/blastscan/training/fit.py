@@ -14,6 +14,7 @@ runs/<name>/
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class TrainResult:
     best_score: float | None
     monitor: str
     stopped_early: bool
+    world_size: int = 1
 
 
 class StagedUnfreeze(Callback):
@@ -196,7 +198,12 @@ def train(
     )
     if resume:
         _check_checkpoint(last)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
+    with warnings.catch_warnings():
+        # Both are deliberate here: augmentation lives in the module's on_after_batch_transfer (it runs on the
+        # device), and small datasets have fewer batches per epoch than the logging interval.
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
     _write_run_outputs(run_dir, module, checkpoint.best_model_path, Path(csv_logger.log_dir))
     stopper = next(c for c in callbacks if isinstance(c, EarlyStopping))
     best = checkpoint.best_model_score
@@ -207,6 +214,7 @@ def train(
         best_score=float(best) if best is not None else None,
         monitor=trainer_cfg.monitor,
         stopped_early=stopper.stopped_epoch > 0,
+        world_size=trainer.world_size,
     )
 
 

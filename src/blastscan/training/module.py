@@ -60,7 +60,8 @@ class CellClassifier(L.LightningModule):
         if training:
             # Seeded by (seed, global step, rank): a resumed run draws exactly the augmentations it would have.
             seed = self.config.seed * 1_000_003 + self.global_step * 101 + self.global_rank
-            generator = torch.Generator(device=images.device).manual_seed(seed)
+            # A CPU generator: the same draws on any device, and no device-side generator per step.
+            generator = torch.Generator().manual_seed(seed)
         return self.augment(images, generator=generator, train=training), labels
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -84,7 +85,9 @@ class CellClassifier(L.LightningModule):
         self.train_accuracy(logits.argmax(dim=1), labels)
         self._epoch_images += len(labels)
         elapsed = time.perf_counter() - self._epoch_start
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log(
+            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True
+        )
         self.log("train_acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
         # Shown live in the progress bar; the epoch's figure goes to the logs in `on_train_epoch_end`.
         self.log("img/s", self._epoch_images / max(elapsed, 1e-9), on_step=True, prog_bar=True, logger=False)
@@ -92,15 +95,17 @@ class CellClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         elapsed = time.perf_counter() - self._epoch_start
-        self.log("images_per_s", self._epoch_images / max(elapsed, 1e-9), on_epoch=True)
+        # Per process (averaged over processes when data-parallel).
+        self.log("images_per_s", self._epoch_images / max(elapsed, 1e-9), on_epoch=True, sync_dist=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
         loss = nn.functional.cross_entropy(logits, labels)
         probability = logits.softmax(dim=1)[:, 1]
-        self.val_auroc(probability, labels)
-        self.val_accuracy(probability, labels)
+        # update(), not forward(): a per-batch AUROC is meaningless (and warns) when a batch holds one class.
+        self.val_auroc.update(probability, labels)
+        self.val_accuracy.update(probability, labels)
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log("val_auroc", self.val_auroc, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log("val_acc", self.val_accuracy, on_epoch=True, batch_size=len(labels))
