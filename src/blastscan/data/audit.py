@@ -7,7 +7,6 @@ sides of it. `audit(...).leaks` is what the CLI turns into a non-zero exit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from blastscan.data.duplicates import (
     fingerprint,
 )
 from blastscan.data.manifest import Manifest
+from blastscan.data.parallel import threaded_map
 from blastscan.data.splits import SplitResult
 from blastscan.errors import DatasetError
 
@@ -102,12 +102,7 @@ def audit(
     """Audit `manifest` (and, given `splits`, the split): see `AuditReport` for what is checked."""
     table = manifest.table
     paths = manifest.absolute_paths()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = []
-        for result in pool.map(_safe_fingerprint, paths):
-            results.append(result)
-            if progress is not None:
-                progress(1)
+    results = threaded_map(_safe_fingerprint, paths, workers, progress)
     readable = [i for i, r in enumerate(results) if isinstance(r, Fingerprint)]
     prints: list[Fingerprint] = [results[i] for i in readable]  # type: ignore[misc]
     unreadable = [r for r in results if isinstance(r, UnreadableFile)]

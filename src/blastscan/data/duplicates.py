@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from skimage.registration import phase_cross_correlation
 from skimage.transform import SimilarityTransform
 
 from blastscan.data.images import load_rgb
+from blastscan.data.parallel import threaded_map
 
 #: pHash distance at or below which two images count as near duplicates. Chosen by inspecting ALL-IDB2: pairs at
 #: <= 10 were the same cell (re-cropped or re-lit); pairs at 12-14 were mostly different cells.
@@ -117,13 +117,7 @@ def fingerprints(
     paths: Sequence[Path], workers: int = 4, progress: Callable[[int], None] | None = None
 ) -> list[Fingerprint]:
     """`fingerprint` for each path, decoded in threads."""
-    results = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(fingerprint, paths):
-            results.append(result)
-            if progress is not None:
-                progress(1)
-    return results
+    return threaded_map(fingerprint, paths, workers, progress)
 
 
 def _hamming_matrix_rows(hashes: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -188,8 +182,7 @@ def overlap_pairs(
     paths: Sequence[Path], min_inliers: int = DEFAULT_OVERLAP_INLIERS, workers: int = 4
 ) -> list[DuplicatePair]:
     """Pairs of smear fields that show the same scene (zoomed or shifted), by ORB + RANSAC; O(N^2) pair checks."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        features = list(pool.map(_orb_features, paths))
+    features = threaded_map(_orb_features, paths, workers)
     pairs = []
     for i, j in itertools.combinations(range(len(paths)), 2):
         if features[i] is None or features[j] is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pandas as pd
 
 from blastscan.data.images import inspect_image
 from blastscan.data.manifest import Manifest, order_columns
+from blastscan.data.parallel import threaded_map
 from blastscan.data.registry import ReaderOptions, detect_format, get_reader
 from blastscan.errors import DatasetError
 
@@ -43,13 +43,7 @@ def _check_images(paths: list[Path], workers: int, progress: Callable[[int], Non
         except DatasetError as exc:
             return BadFile(path=path, reason=str(exc).removeprefix(f"{path}: "))
 
-    results: list[object] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(check, paths):
-            results.append(result)
-            if progress is not None:
-                progress(1)
-    return results
+    return threaded_map(check, paths, workers, progress)
 
 
 def scan(

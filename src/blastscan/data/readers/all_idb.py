@@ -32,8 +32,10 @@ def _first_with_files(root: Path, subfolders: tuple[str, ...], suffixes: tuple[s
     return None
 
 
-def _label(match: re.Match[str]) -> str:
-    return LEUKEMIC if match.group(2) == "1" else NORMAL
+def _row(path: Path, match: re.Match[str], dataset: str) -> dict[str, Any]:
+    """The manifest row an `ImXXX_Y` file name gives: no patient, label from Y."""
+    label = LEUKEMIC if match.group(2) == "1" else NORMAL
+    return {"path": path.name, "label": label, "patient_id": None, "dataset": dataset, "source_label": match.group(2)}
 
 
 @register
@@ -51,15 +53,7 @@ class AllIdb2Reader(DatasetReader):
         for path in _labelled_files(located, (".tif", ".tiff")):
             match = _NAME.match(path.name)
             assert match is not None  # _labelled_files only returns matching names
-            rows.append(
-                {
-                    "path": path.name,
-                    "label": _label(match),
-                    "patient_id": None,
-                    "dataset": self.name,
-                    "source_label": match.group(2),
-                }
-            )
+            rows.append(_row(path, match, self.name))
         notes.append("ALL-IDB2 records no patients: splits will be image-level, with duplicates grouped")
         return rows
 
@@ -87,11 +81,7 @@ class AllIdb1Reader(DatasetReader):
             centroids = _read_centroids(xyc_dir / f"{path.stem}.xyc") if xyc_dir else None
             rows.append(
                 {
-                    "path": path.name,
-                    "label": _label(match),
-                    "patient_id": None,
-                    "dataset": self.name,
-                    "source_label": match.group(2),
+                    **_row(path, match, self.name),
                     "blast_centroids": json.dumps(centroids) if centroids is not None else None,
                 }
             )
