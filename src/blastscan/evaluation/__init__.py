@@ -1,0 +1,1 @@
+"""Evaluation: metrics with patient-level confidence intervals, calibration, figures and the report."""
