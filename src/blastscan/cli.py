@@ -157,6 +157,142 @@ def train(
     )
 
 
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
+    data: Annotated[
+        Path | None, typer.Option(help="Score every image of this dataset / lab CSV / manifest (external).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="The run's own split to score when --data is not given.")] = "test",
+    tta: Annotated[bool, typer.Option(help="Also score with test-time augmentation (8 flips/rotations).")] = False,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+) -> None:
+    """Score a trained run: metrics with 95% CIs, calibration, patient level, figures and an HTML report."""
+    from blastscan.evaluation.evaluate import evaluate_run
+
+    try:
+        with console.status("scoring"):
+            result = evaluate_run(run, data=data, split=split, tta=tta, n_boot=bootstrap)
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    print_metrics(result.metrics, title=f"{run.name} on {result.dataset} ({result.split})")
+    if result.tta_metrics:
+        print_metrics(result.tta_metrics, title="with test-time augmentation")
+    console.print(f"wrote {result.out_dir} (metrics.json, predictions.csv, figures, report.html)", highlight=False)
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    """The headline metrics with their intervals."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% CI", justify="right")
+    for key in (
+        "roc_auc",
+        "pr_auc",
+        "accuracy",
+        "precision",
+        "recall",
+        "specificity",
+        "f1",
+        "sensitivity_at_95_specificity",
+    ):
+        value = metrics.get(key)
+        low, high = (metrics.get("ci") or {}).get(key) or (None, None)
+        shown = "n/a" if value is None or value != value else f"{value:.3f}"
+        table.add_row(key, shown, "" if low is None else f"{low:.3f} - {high:.3f}")
+    console.print(table)
+    threshold = metrics.get("threshold") or float("nan")
+    extra = f"threshold {threshold:.3f} (chosen on validation); images {metrics.get('n_images')}"
+    if metrics.get("n_patients"):
+        extra += f", patients {metrics['n_patients']}"
+    console.print(extra, highlight=False)
+
+
+@app.command()
+def crossval(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")],
+    folds: Annotated[int, typer.Option(help="Number of grouped folds.")] = 5,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples per fold.")] = 1000,
+) -> None:
+    """K-fold grouped cross-validation; a mean +- sd table and a box plot (re-running reuses finished folds)."""
+    from blastscan.evaluation.experiments import crossval as run_crossval
+    from blastscan.training.config import load_config
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    try:
+        result = run_crossval(
+            load_config(config, list(set_ or [])),
+            folds=folds,
+            n_boot=bootstrap,
+            log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        )
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    table = Table(title=f"{folds}-fold cross-validation")
+    for column in ("metric", "mean", "sd"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric, mean, sd in result.summary.itertuples(index=False):
+        table.add_row(metric, f"{mean:.3f}", f"{sd:.3f}")
+    console.print(table)
+    console.print(f"wrote {result.out_dir} (crossval.md, crossval_folds.csv, crossval_boxplot.png)", highlight=False)
+
+
+@app.command()
+def transfer(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML (model, training).")],
+    train_on: Annotated[list[str], typer.Option("--train", help="Dataset to train on (repeatable).")],
+    test_on: Annotated[list[str], typer.Option("--test", help="Dataset to test on (repeatable).")],
+    variant: Annotated[
+        list[str] | None, typer.Option(help="Stain handling: plain, stain-jitter, reinhard (repeatable).")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples per evaluation.")] = 1000,
+) -> None:
+    """Train on one dataset, test on others: an AUROC / F1 matrix per stain-handling variant."""
+    from blastscan.evaluation.experiments import transfer as run_transfer
+    from blastscan.training.config import load_config
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    try:
+        result = run_transfer(
+            load_config(config, list(set_ or [])),
+            train_on,
+            test_on,
+            variants=variant or ["plain"],
+            n_boot=bootstrap,
+            log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        )
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    console.print((result.out_dir / "transfer.md").read_text(), highlight=False)
+    console.print(f"wrote {result.out_dir} (transfer.md, transfer.csv, heatmaps)", highlight=False)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders with evaluations.")],
+    evaluation: Annotated[str | None, typer.Option(help="Only this eval folder, e.g. deepapl-test.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the table here (.md and .csv beside it).")] = None,
+) -> None:
+    """One table of the key metrics with 95% CIs across runs."""
+    from blastscan.evaluation.experiments import compare as run_compare
+    from blastscan.evaluation.experiments import comparison_markdown
+
+    try:
+        table = run_compare(runs, evaluation)
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    markdown = comparison_markdown(table)
+    console.print(markdown, highlight=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(markdown)
+        table.to_csv(out.with_suffix(".csv"), index=False)
+        console.print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}", highlight=False)
+
+
 @data_app.command("scan")
 def data_scan(
     root: Annotated[Path, typer.Argument(help="Dataset folder (or a lab CSV file).")],

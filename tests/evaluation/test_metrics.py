@@ -103,13 +103,15 @@ def test_binary_metrics_undefined_values_are_nan() -> None:
 
 def test_youden_threshold_by_hand() -> None:
     # y = 0 0 0 1 1 1, p = .1 .4 .35 .3 .8 .9. J = TPR - FPR for t (descending): .9: 1/3-0; .8: 2/3-0 = 2/3;
-    # .4: 2/3-1/3; .35: 2/3-2/3; .3: 1-2/3; .1: 1-1. The maximum is at .8.
-    assert youden_threshold([0, 0, 0, 1, 1, 1], [0.1, 0.4, 0.35, 0.3, 0.8, 0.9]) == pytest.approx(0.8)
+    # .4: 2/3-1/3; .35: 2/3-2/3; .3: 1-2/3; .1: 1-1. The maximum is at .8; the next lower score is .4, so the
+    # threshold moves to the middle of that gap, (.8 + .4) / 2 = .6, which makes the same calls on these data.
+    assert youden_threshold([0, 0, 0, 1, 1, 1], [0.1, 0.4, 0.35, 0.3, 0.8, 0.9]) == pytest.approx(0.6)
 
 
 def test_youden_threshold_tie_goes_to_the_highest_threshold() -> None:
     # Example A: t=.7 gives TPR 3/4, FPR 0 (J=.75); t=.4 gives TPR 1, FPR 1/4 (J=.75); every other t is lower.
-    assert youden_threshold(Y_A, P_A) == pytest.approx(0.7)
+    # The tie goes to .7, then to the middle of the gap down to the next score, .6: (.7 + .6) / 2 = .65.
+    assert youden_threshold(Y_A, P_A) == pytest.approx(0.65)
 
 
 def test_threshold_for_specificity_by_hand() -> None:

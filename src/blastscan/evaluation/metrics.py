@@ -158,14 +158,20 @@ def youden_threshold(y: ArrayLike, p: ArrayLike) -> float:
     """The threshold maximising Youden's J = sensitivity + specificity - 1 on (y, p), meant for validation data.
 
     Candidates are the observed scores (predictions are `p >= threshold`). Ties go to the highest threshold, the
-    one with fewest positive calls. Raises EvaluationError unless both classes are present.
+    one with fewest positive calls. The result is then moved down to the middle of the gap below it (halfway to
+    the next lower observed score): identical calls on these data, but a margin on both sides for new data,
+    instead of a cut exactly at one validation image's score. Raises EvaluationError unless both classes exist.
     """
     y, p = _binary_inputs(y, p)
     if len(np.unique(y)) < 2:
         raise EvaluationError(f"youden_threshold needs both classes in y; all {len(y)} labels are {y[0]}")
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     best = int(np.argmax(tpr - fpr))  # first maximum = highest threshold, since roc_curve lists them decreasing
-    return _above_max(p) if not np.isfinite(thresholds[best]) else float(thresholds[best])
+    if not np.isfinite(thresholds[best]):
+        return _above_max(p)
+    threshold = float(thresholds[best])
+    below = p[p < threshold]
+    return (threshold + float(below.max())) / 2 if len(below) else threshold
 
 
 def _specificity_operating_point(y: np.ndarray, p: np.ndarray, target: float) -> float:

@@ -1,0 +1,347 @@
+"""`evaluate`: score a trained run on its test split, or on another dataset (external validation).
+
+Honest by construction: the decision threshold, the 95%-specificity operating point and the calibration
+temperature are all fitted on the run's own validation split, never on the data being scored; intervals come
+from a bootstrap over patients whenever patients are known.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from blastscan import __version__
+from blastscan.data.audit import AuditReport
+from blastscan.data.images import load_rgb, resize_rgb
+from blastscan.data.manifest import Manifest, read_manifest
+from blastscan.data.splits import read_splits
+from blastscan.errors import ConfigError
+from blastscan.evaluation import figures
+from blastscan.evaluation.metrics import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    metrics_with_ci,
+    patient_level_metrics,
+    patient_table,
+    reliability_curve,
+    threshold_for_specificity,
+    youden_threshold,
+)
+from blastscan.evaluation.predict import RunModel, cache_for, load_run_model, predict_logits, probabilities
+from blastscan.evaluation.report import (
+    Calibration,
+    DataSummary,
+    LeakageAudit,
+    ModelCard,
+    OperatingPoints,
+    ReportContent,
+    RunInfo,
+    write_report,
+)
+from blastscan.training.config import TrainConfig, parse_config
+from blastscan.training.prepare import class_targets, load_manifest
+
+
+@dataclass
+class Scored:
+    """Predictions for one set of rows."""
+
+    rows: np.ndarray
+    targets: np.ndarray
+    logits: np.ndarray
+    patients: np.ndarray | None
+
+    @property
+    def probability(self) -> np.ndarray:
+        return probabilities(self.logits)
+
+
+@dataclass
+class EvaluationResult:
+    """Where the evaluation went and its headline numbers."""
+
+    out_dir: Path
+    dataset: str
+    split: str
+    metrics: dict[str, Any]
+    tta_metrics: dict[str, Any] | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+def _patients(manifest: Manifest, rows: np.ndarray) -> np.ndarray | None:
+    return manifest.table["patient_id"].astype(str).to_numpy()[rows] if manifest.has_patients else None
+
+
+def _score(run_model: RunModel, manifest: Manifest, rows: np.ndarray, positive: str, tta: bool, cache_dir) -> Scored:
+    cache = cache_for(run_model, manifest, cache_dir)
+    targets = class_targets(manifest, positive)[rows]
+    return Scored(rows, targets, predict_logits(run_model, cache, rows, tta=tta), _patients(manifest, rows))
+
+
+def _dataset_name(manifest: Manifest) -> str:
+    names = manifest.table["dataset"].astype(str).unique()
+    return str(names[0]) if len(names) == 1 else manifest.format
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    split: str = "test",
+    tta: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Score `run_dir` on its own `split`, or on every image of `data` (a dataset folder, lab CSV or manifest)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+    config = parse_config(yaml.safe_load(config_path.read_text()), source=str(config_path))
+    positive = config.data.positive_label
+    run_model = load_run_model(run_dir)
+    own = read_manifest(run_dir / "manifest.csv")
+    own_splits = read_splits(run_dir / "splits.csv", own).table["split"].astype(str).to_numpy()
+    cache_dir = config.data.cache_dir
+
+    val_rows = np.flatnonzero(own_splits == "val")
+    validation = _score(run_model, own, val_rows, positive, False, cache_dir)
+
+    if data is None:
+        manifest, rows = own, np.flatnonzero(own_splits == split)
+        if len(rows) == 0:
+            raise ConfigError(f"{run_dir}: the split {split!r} is empty; choose one of {sorted(set(own_splits))}")
+        dataset, split_name = _dataset_name(own), split
+    else:
+        manifest = load_manifest(parse_config({"name": "external", "data": {"root": str(data)}}))
+        rows = np.arange(len(manifest))
+        dataset, split_name = _dataset_name(manifest), "all"
+    scored = _score(run_model, manifest, rows, positive, False, cache_dir)
+
+    # Operating points and calibration come from validation only.
+    p_val = validation.probability
+    threshold = youden_threshold(validation.targets, p_val)
+    threshold_95 = threshold_for_specificity(validation.targets, p_val, 0.95)
+    temperature = fit_temperature(validation.logits, validation.targets)
+
+    out_dir = run_dir / "eval" / f"{dataset}-{split_name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = _metrics(scored, threshold, threshold_95, temperature, validation, n_boot, seed)
+    metrics.update({"dataset": dataset, "split": split_name, "external": data is not None, "run": str(run_dir)})
+    tta_metrics = None
+    if tta:
+        scored_tta = _score(run_model, manifest, rows, positive, True, cache_dir)
+        tta_metrics = metrics_with_ci(
+            scored_tta.targets, scored_tta.probability, threshold, threshold_95, scored_tta.patients, n_boot, seed
+        )
+        metrics["tta"] = tta_metrics
+    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
+    _write_predictions(out_dir / "predictions.csv", manifest, scored, tta_metrics and scored_tta)
+    made = _figures(out_dir, run_dir, scored, metrics, threshold_95)
+    made["errors"] = _error_gallery(out_dir / "confident_errors.png", manifest, scored, metrics["threshold"])
+    made["report"] = write_evaluation_report(out_dir, run_dir, config, metrics, made, dataset, split_name)
+    return EvaluationResult(out_dir, dataset, split_name, metrics, tta_metrics, made)
+
+
+def _error_gallery(out: Path, manifest: Manifest, scored: Scored, threshold: float, per_kind: int = 6) -> Path:
+    """The false positives and false negatives the model was most sure of, with their probabilities."""
+    p = scored.probability
+    called = p >= threshold
+    false_pos = np.flatnonzero(called & (scored.targets == 0))
+    false_neg = np.flatnonzero(~called & (scored.targets == 1))
+    chosen = [("false positive", i) for i in false_pos[np.argsort(-p[false_pos])][:per_kind]]
+    chosen += [("false negative", i) for i in false_neg[np.argsort(p[false_neg])][:per_kind]]
+    paths = manifest.absolute_paths()
+    items = [
+        {
+            "image": resize_rgb(load_rgb(paths[scored.rows[i]], min_side=160), 160),
+            "title": f"{kind}, p={p[i]:.2f}\n{Path(manifest.table['path'].iloc[scored.rows[i]]).name}",
+        }
+        for kind, i in chosen
+    ]
+    return figures.image_gallery(items, out)
+
+
+def write_evaluation_report(
+    out_dir: Path,
+    run_dir: Path,
+    config: TrainConfig,
+    metrics: dict[str, Any],
+    made: dict[str, Path],
+    dataset: str,
+    split_name: str,
+) -> Path:
+    """The self-contained report.html of one evaluation."""
+    audit = AuditReport.model_validate_json((run_dir / "audit.json").read_text())
+    card = json.loads((run_dir / "model.json").read_text())
+    synthetic = "synthetic" in str(audit.dataset).lower() or "synthetic" in dataset.lower()
+    calibration = metrics["calibration"]
+    patient = metrics.get("patient_level")
+    limitations = [
+        "Scores come from one split of public research data; they do not establish clinical performance.",
+        "Thresholds and the calibration temperature were fitted on the validation split of the training data.",
+    ]
+    if audit.split_level == "image":
+        limitations.append("No patient IDs: the split is image-level (duplicates grouped), so scores are optimistic.")
+    if metrics.get("external"):
+        limitations.append(f"External validation on {dataset}: a different source; the threshold was not re-tuned.")
+    content = ReportContent(
+        run=RunInfo(
+            run_name=run_dir.name,
+            dataset=dataset,
+            split_level="patient" if audit.split_level == "patient" else "image",
+            split_seed=config.data.split.seed,
+            evaluated_on=split_name,
+            synthetic=synthetic,
+            code_version=__version__,
+        ),
+        data=DataSummary(
+            split_counts=audit.split_counts or {},
+            patients=audit.patients,
+            audit=LeakageAudit.from_audit(audit),
+        ),
+        config=config.model_dump(mode="json"),
+        metrics=metrics,
+        operating_points=OperatingPoints(
+            threshold=metrics["threshold_95_specificity"],
+            sensitivity=metrics.get("sensitivity_at_95_specificity"),
+            specificity=metrics.get("specificity_at_95_specificity_threshold"),
+            sensitivity_ci=(metrics.get("ci") or {}).get("sensitivity_at_95_specificity"),
+            specificity_ci=(metrics.get("ci") or {}).get("specificity_at_95_specificity_threshold"),
+            oracle_sensitivity=metrics.get("sensitivity_at_95_specificity_test_oracle"),
+        ),
+        calibration=Calibration(
+            ece_before=calibration["ece"],
+            ece_after=calibration["ece_temperature_scaled"],
+            temperature=calibration["temperature"],
+            n_bins=15,
+        ),
+        patient_metrics={k: v for k, v in patient.items() if k != "patients"} if patient else None,
+        patient_rule=(
+            "A patient counts as positive when any of their cells is labelled leukemic; the patient score is the "
+            "share of their cells called leukemic, cut at a threshold chosen on validation patients."
+            if patient
+            else None
+        ),
+        patient_table=patient.get("patients") if patient else None,
+        tta_metrics=metrics.get("tta"),
+        figures=[(caption, made[key]) for key, caption in _FIGURE_CAPTIONS if key in made],
+        error_gallery=made.get("errors"),
+        model_card=ModelCard(
+            training_data=f"{audit.dataset}: {audit.manifest_rows} images, classes {audit.class_counts}; "
+            f"{card['name']} ({card.get('pretrained') or 'random init'}) at {card['image_size']} px.",
+            evaluation_data=f"{dataset}, {split_name}: {metrics['n_images']} images"
+            + (f", {metrics['n_patients']} patients" if metrics.get("n_patients") else ""),
+            limitations=limitations,
+        ),
+    )
+    title = f"blastscan evaluation: {run_dir.name} on {dataset} ({split_name})"
+    return write_report(out_dir / "report.html", title=title, sections=content)
+
+
+_FIGURE_CAPTIONS = (
+    ("training", "Training curves: loss and accuracy per epoch, train vs validation."),
+    ("roc", "ROC curve with a 95% bootstrap band; the dot is the validation-chosen 95%-specificity threshold."),
+    ("pr", "Precision-recall curve."),
+    ("confusion", "Confusion matrix at the validation-chosen threshold."),
+    ("reliability", "Reliability diagram (before temperature scaling) with the ECE before and after."),
+    ("scores", "Predicted probability per true class, with the decision threshold."),
+)
+
+
+def _metrics(
+    scored: Scored,
+    threshold: float,
+    threshold_95: float,
+    temperature: float,
+    validation: Scored,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    y, p = scored.targets, scored.probability
+    metrics = metrics_with_ci(y, p, threshold, threshold_95, scored.patients, n_boot, seed)
+    calibrated = apply_temperature(scored.logits, temperature)
+    metrics["calibration"] = {
+        "temperature": temperature,
+        "fitted_on": "validation",
+        "ece": expected_calibration_error(y, p),
+        "ece_temperature_scaled": expected_calibration_error(y, calibrated),
+        "reliability": reliability_curve(y, p),
+        "reliability_temperature_scaled": reliability_curve(y, calibrated),
+    }
+    if scored.patients is not None:
+        table = patient_table(y, p, scored.patients, threshold)
+        # The patient-level cut on "share of cells called leukemic" is chosen on validation patients too; when
+        # the validation data have no patients (external test of an ALL-IDB model) it is the 0.5 majority rule.
+        fraction_threshold = None
+        if validation.patients is not None:
+            val_table = patient_table(validation.targets, validation.probability, validation.patients, threshold)
+            if val_table["label"].nunique() == 2:
+                fraction_threshold = youden_threshold(
+                    val_table["label"].to_numpy(), val_table["predicted_fraction"].to_numpy()
+                )
+        metrics["patient_level"] = patient_level_metrics(table, fraction_threshold)
+        metrics["patient_level"]["patients"] = table.to_dict(orient="records")
+    return metrics
+
+
+def _write_predictions(path: Path, manifest: Manifest, scored: Scored, scored_tta: Scored | None) -> None:
+    table = pd.DataFrame(
+        {
+            "path": manifest.table["path"].to_numpy()[scored.rows],
+            "patient": scored.patients if scored.patients is not None else "",
+            "label": scored.targets,
+            "probability": scored.probability,
+        }
+    )
+    if scored_tta:
+        table["probability_tta"] = scored_tta.probability
+    table.to_csv(path, index=False)
+
+
+def _figures(out_dir: Path, run_dir: Path, scored: Scored, metrics: dict[str, Any], threshold_95: float) -> dict:
+    y, p = scored.targets, scored.probability
+    specificity = metrics.get("specificity_at_95_specificity_threshold", np.nan)
+    sensitivity = metrics.get("sensitivity_at_95_specificity", np.nan)
+    point = (1 - specificity, sensitivity) if np.isfinite(specificity) and np.isfinite(sensitivity) else None
+    reliability = metrics["calibration"]["reliability"]
+    made = {
+        "roc": figures.plot_roc(y, p, out_dir / "roc.png", operating_point=point, groups=scored.patients),
+        "pr": figures.plot_precision_recall(y, p, out_dir / "pr.png"),
+        "confusion": figures.plot_confusion_matrix(
+            np.array(metrics["confusion_matrix"]), out_dir / "confusion_matrix.png", threshold=metrics["threshold"]
+        ),
+        "reliability": figures.plot_reliability(
+            np.array(reliability["mean_predicted"]),
+            np.array(reliability["observed_frequency"]),
+            np.array(reliability["counts"]),
+            out_dir / "reliability.png",
+            ece=metrics["calibration"]["ece"],
+            ece_calibrated=metrics["calibration"]["ece_temperature_scaled"],
+        ),
+        "scores": figures.plot_score_distribution(y, p, out_dir / "scores.png", threshold=metrics["threshold"]),
+    }
+    if (run_dir / "metrics.csv").is_file():
+        made["training"] = figures.plot_training_curves(run_dir / "metrics.csv", out_dir / "training_curves.png")
+    return made
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN -> None and numpy scalars -> Python, so metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

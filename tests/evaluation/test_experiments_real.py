@@ -1,0 +1,125 @@
+"""evaluate, crossval, transfer and compare end to end on the real ALL-IDB2 and DeepAPL data (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from blastscan.data.manifest import Manifest, write_manifest
+from blastscan.data.scan import scan
+from blastscan.evaluation.evaluate import evaluate_run
+from blastscan.evaluation.experiments import compare, comparison_markdown, crossval, transfer
+from blastscan.training.config import parse_config
+from blastscan.training.fit import train
+
+METRIC_KEYS = (
+    "accuracy", "precision", "recall", "specificity", "f1", "f1_weighted", "roc_auc", "pr_auc",
+    "sensitivity_at_95_specificity", "confusion_matrix", "threshold", "n_images", "n_patients", "ci",
+)  # fmt: skip
+
+
+def tiny_tree(root: Path | str, runs_dir: Path, name: str = "tiny") -> dict[str, Any]:
+    return {
+        "name": name,
+        "runs_dir": str(runs_dir),
+        "data": {"root": str(root), "image_size": 32, "cache_dir": str(runs_dir / "cache")},
+        "model": {"name": "blastscan_cnn", "pretrained": None, "options": {"widths": [8, 16, 16, 32]}},
+        "trainer": {"max_epochs": 2, "batch_size": 32},
+    }
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("experiments")
+
+
+@pytest.fixture(scope="module")
+def allidb2_run(allidb2_dir: Path, workdir: Path) -> Path:
+    return train(parse_config(tiny_tree(allidb2_dir, workdir)), progress_bar=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def deepapl_subset(deepapl_dir: Path, workdir: Path) -> Path:
+    """A manifest of 8 cells from each of 20 DeepAPL patients (a quick external set)."""
+    full = scan(deepapl_dir, verify=False).manifest
+    table = full.table.groupby("patient_id", group_keys=False).head(8)
+    table = table[table["patient_id"].isin(sorted(table["patient_id"].unique())[:20])].reset_index(drop=True)
+    return write_manifest(Manifest(table=table, root=full.root, format="deepapl"), workdir / "deepapl_subset.csv")
+
+
+def test_evaluate_own_test_split(allidb2_run: Path) -> None:
+    result = evaluate_run(allidb2_run, tta=True, n_boot=200)
+    out = result.out_dir
+    assert out == allidb2_run / "eval" / "all-idb2-test"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert key in metrics, key
+    assert metrics["n_patients"] is None  # ALL-IDB has none: images are the bootstrap unit
+    assert "sensitivity_at_95_specificity_test_oracle" in metrics
+    assert set(metrics["ci"]) >= {"roc_auc", "f1", "sensitivity_at_95_specificity"}
+    assert metrics["calibration"]["fitted_on"] == "validation" and metrics["calibration"]["temperature"] > 0
+    assert "tta" in metrics and "roc_auc" in metrics["tta"]
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns[:4]) == ["path", "patient", "label", "probability"]
+    splits = pd.read_csv(allidb2_run / "splits.csv", skiprows=1)
+    assert len(predictions) == (splits["split"] == "test").sum()
+    for name in ("roc.png", "pr.png", "confusion_matrix.png", "reliability.png", "scores.png",
+                 "training_curves.png", "confident_errors.png", "report.html"):  # fmt: skip
+        assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "image-level" in html.lower()
+
+
+def test_evaluate_external_with_patients(allidb2_run: Path, deepapl_subset: Path) -> None:
+    result = evaluate_run(allidb2_run, data=deepapl_subset, n_boot=100)
+    assert result.out_dir.name == "deepapl-all"
+    metrics = result.metrics
+    assert metrics["external"] and metrics["n_images"] == 160 and metrics["n_patients"] == 20
+    assert "patient_level" in metrics and len(metrics["patient_level"]["patients"]) == 20
+
+
+def test_crossval_on_allidb2(allidb2_dir: Path, workdir: Path) -> None:
+    config = parse_config(tiny_tree(allidb2_dir, workdir, name="cv") | {"trainer": {"max_epochs": 1}})
+    result = crossval(config, folds=3, n_boot=50)
+    assert list(result.folds["fold"]) == [0, 1, 2]
+    assert set(result.summary["metric"]) >= {"roc_auc", "f1", "accuracy"}
+    for name in ("crossval.md", "crossval_folds.csv", "crossval_summary.csv", "crossval_boxplot.png"):
+        assert (result.out_dir / name).is_file()
+    # Every image is tested exactly once across the folds, and no duplicate cluster straddles a fold split.
+    tested = pd.concat(
+        pd.read_csv(result.out_dir / f"fold{k}" / "splits.csv", skiprows=1).query("split == 'test'") for k in range(3)
+    )
+    assert len(tested) == 260 and tested["path"].is_unique
+    again = crossval(config, folds=3, n_boot=50)  # finished folds are reused, not retrained
+    np.testing.assert_allclose(again.folds["roc_auc"], result.folds["roc_auc"])
+
+
+def test_transfer_and_compare(allidb2_dir: Path, deepapl_subset: Path, workdir: Path, allidb2_run: Path) -> None:
+    config = parse_config(tiny_tree(allidb2_dir, workdir, name="xfer") | {"trainer": {"max_epochs": 1}})
+    result = transfer(config, [str(allidb2_dir)], [str(deepapl_subset)], variants=["plain", "reinhard"], n_boot=50)
+    table = result.table
+    assert set(table["variant"]) == {"plain", "reinhard"}
+    assert set(table["test"]) == {"all_idb2", "deepapl_subset.csv"}
+    assert (result.out_dir / "transfer.md").is_file() and (result.out_dir / "transfer_plain_roc_auc.png").is_file()
+    assert table["external"].sum() == 2
+
+    evaluate_run(allidb2_run, n_boot=50)
+    compared = compare([allidb2_run])
+    assert {"run", "evaluation", "roc_auc", "roc_auc_ci"} <= set(compared.columns)
+    assert "| tiny |" in comparison_markdown(compared)
+
+
+def test_evaluate_cli(allidb2_run: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "blastscan", "evaluate", str(allidb2_run), "--bootstrap", "50"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "roc_auc" in result.stdout and "chosen on validation" in result.stdout
