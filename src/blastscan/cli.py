@@ -187,16 +187,9 @@ def print_metrics(metrics: dict, title: str) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI", justify="right")
-    for key in (
-        "roc_auc",
-        "pr_auc",
-        "accuracy",
-        "precision",
-        "recall",
-        "specificity",
-        "f1",
-        "sensitivity_at_95_specificity",
-    ):
+    from blastscan.evaluation.experiments import KEY_METRICS
+
+    for key in KEY_METRICS:
         value = metrics.get(key)
         low, high = (metrics.get("ci") or {}).get(key) or (None, None)
         shown = "n/a" if value is None or value != value else f"{value:.3f}"
