@@ -368,6 +368,10 @@ def test_patient_level_metrics_one_class_is_unavailable() -> None:
     m = patient_level_metrics(table, 0.3)
     assert m["available"] is False
     assert "both classes" in m["reason"]
+    # The fraction agreement is still reported: a has true 0 vs predicted 0 (p .2 < .5), b has true 0 vs
+    # predicted 1/2 (.7 >= .5, .1 < .5), so MAE = (0 + 0.5) / 2 = 0.25; r is undefined (true fractions constant).
+    assert m["fraction_mae"] == pytest.approx(0.25)
+    assert np.isnan(m["fraction_pearson_r"])
 
 
 # ------------------------------------------------------------------------------------------------------ errors

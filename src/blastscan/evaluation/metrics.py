@@ -553,28 +553,29 @@ def patient_level_metrics(table: pd.DataFrame, threshold_fraction: float | None 
     val_table["predicted_fraction"])`; None means a majority vote (0.5). Returns {"available": True,
     "threshold_fraction", "n_patients", the binary_metrics keys (less n_images), "fraction_mae" (mean
     |predicted_fraction - true_fraction|), "fraction_pearson_r" (NaN when either fraction is constant)}, or
-    {"available": False, "reason", "n_patients"} when the patients are not of both classes.
+    {"available": False, "reason", "n_patients", "fraction_mae", "fraction_pearson_r"} when the patients are not
+    of both classes (the fraction agreement still means something then).
     """
     missing = [c for c in PATIENT_TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise EvaluationError(f"table lacks columns {missing}; build it with patient_table()")
     n = len(table)
     labels = table["label"].to_numpy()
-    if len(np.unique(labels)) < 2:
-        which = f"all {n} patients have label {labels[0]}" if n else "the table has no patients"
-        return {"available": False, "reason": f"{which}; patient-level metrics need both classes", "n_patients": n}
-    threshold = 0.5 if threshold_fraction is None else _threshold(threshold_fraction, "threshold_fraction")
+    if n == 0:
+        return {"available": False, "reason": "the table has no patients", "n_patients": 0}
     predicted = _probabilities(table["predicted_fraction"].to_numpy(), n, "predicted_fraction")
     true = _probabilities(table["true_fraction"].to_numpy(), n, "true_fraction")
-    metrics = binary_metrics(labels, predicted, threshold)
-    del metrics["n_images"]
     # Pearson r is undefined (scipy warns, numpy divides by 0) when either side is constant.
     constant = np.ptp(predicted) == 0 or np.ptp(true) == 0
-    return {
-        "available": True,
-        "threshold_fraction": threshold,
-        "n_patients": n,
-        **metrics,
+    # How well each patient's share of leukemic cells is estimated: meaningful even when every patient is ill.
+    agreement = {
         "fraction_mae": float(np.mean(np.abs(predicted - true))),
         "fraction_pearson_r": float("nan") if constant else float(np.corrcoef(predicted, true)[0, 1]),
     }
+    if len(np.unique(labels)) < 2:
+        reason = f"all {n} patients have label {labels[0]}; patient-level classification needs both classes"
+        return {"available": False, "reason": reason, "n_patients": n, **agreement}
+    threshold = 0.5 if threshold_fraction is None else _threshold(threshold_fraction, "threshold_fraction")
+    metrics = binary_metrics(labels, predicted, threshold)
+    del metrics["n_images"]
+    return {"available": True, "threshold_fraction": threshold, "n_patients": n, **metrics, **agreement}
