@@ -134,15 +134,24 @@ def evaluate_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = _metrics(scored, threshold, threshold_95, temperature, validation, n_boot, seed)
     metrics.update({"dataset": dataset, "split": split_name, "external": data is not None, "run": str(run_dir)})
-    tta_metrics = None
+    tta_metrics, scored_tta = None, None
     if tta:
+        # TTA scores have their own distribution: their operating points come from TTA scores on validation.
+        validation_tta = _score(run_model, own, val_rows, positive, True, cache_dir)
         scored_tta = _score(run_model, manifest, rows, positive, True, cache_dir)
+        p_val_tta = validation_tta.probability
         tta_metrics = metrics_with_ci(
-            scored_tta.targets, scored_tta.probability, threshold, threshold_95, scored_tta.patients, n_boot, seed
+            scored_tta.targets,
+            scored_tta.probability,
+            youden_threshold(validation_tta.targets, p_val_tta),
+            threshold_for_specificity(validation_tta.targets, p_val_tta, 0.95),
+            scored_tta.patients,
+            n_boot,
+            seed,
         )
         metrics["tta"] = tta_metrics
     (out_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
-    _write_predictions(out_dir / "predictions.csv", manifest, scored, tta_metrics and scored_tta)
+    _write_predictions(out_dir / "predictions.csv", manifest, scored, scored_tta)
     made = _figures(out_dir, run_dir, scored, metrics, threshold_95)
     made["errors"] = _error_gallery(out_dir / "confident_errors.png", manifest, scored, metrics["threshold"])
     made["report"] = write_evaluation_report(out_dir, run_dir, config, metrics, made, dataset, split_name)
@@ -300,7 +309,7 @@ def _write_predictions(path: Path, manifest: Manifest, scored: Scored, scored_tt
             "probability": scored.probability,
         }
     )
-    if scored_tta:
+    if scored_tta is not None:
         table["probability_tta"] = scored_tta.probability
     table.to_csv(path, index=False)
 
