@@ -33,7 +33,7 @@ from blastscan.data.splits import write_splits
 from blastscan.data.transforms import save_augmentation_grid
 from blastscan.errors import ConfigError, TrainingError
 from blastscan.models import preprocessing_for, unfreeze
-from blastscan.training.config import TrainConfig, parse_config
+from blastscan.training.config import TrainConfig, apply_overrides, parse_config
 from blastscan.training.data import CellDataModule
 from blastscan.training.losses import balanced_sample_weights
 from blastscan.training.module import CellClassifier
@@ -72,8 +72,6 @@ def run_dir_for(config: TrainConfig) -> Path:
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """The resolved config a run folder was started with (for `--resume`), with optional overrides."""
-    from blastscan.training.config import apply_overrides
-
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml); start it with `blastscan train --config`")
