@@ -76,3 +76,17 @@ def test_demo_on_real_data(allidb2_dir: Path, tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert not summary["synthetic"] and summary["images"] == 260 and summary["split_level"] == "image"
     assert summary["model"] == "tf_efficientnet_lite0"
+
+
+def test_baselines_command(allidb2_dir: Path, tmp_path: Path) -> None:
+    manifest, splits = tmp_path / "m.csv", tmp_path / "s.csv"
+    assert run("data", "scan", str(allidb2_dir), "--out", str(manifest)).returncode == 0
+    assert run("data", "split", str(manifest), "--out", str(splits)).returncode == 0
+    result = run(
+        "baselines", "--data", str(manifest), "--splits", str(splits), "--out", str(tmp_path / "bl"),
+        "--image-size", "48", "--bootstrap", "50",
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    assert "Random forest" in result.stdout or "random_forest" in result.stdout
+    for name in ("baselines.md", "baselines.csv", "baselines_bar.png", "segmentation.png"):
+        assert (tmp_path / "bl" / name).is_file(), name

@@ -286,6 +286,36 @@ def compare(
         console.print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}", highlight=False)
 
 
+@app.command()
+def baselines(
+    data: Annotated[Path, typer.Option(help="Manifest CSV (from `blastscan data scan` or a run folder).")],
+    splits: Annotated[Path, typer.Option(help="Split CSV with train/val/test (e.g. runs/<name>/splits.csv).")],
+    out: Annotated[Path, typer.Option(help="Output folder for the table, bar chart and segmentation figure.")],
+    cnn: Annotated[Path | None, typer.Option(help="A trained run: adds the CNN and its embeddings (hybrid).")] = None,
+    image_size: Annotated[int, typer.Option(help="Working resolution of the features.")] = 128,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+) -> None:
+    """Classical ML (SVM, RF, KNN, LR on handcrafted features) vs CNN vs hybrid CNN-features + classifiers."""
+    from blastscan.baselines.compare import run_baselines
+
+    try:
+        result = run_baselines(
+            data,
+            splits,
+            out,
+            cnn_run=cnn,
+            image_size=image_size,
+            n_boot=bootstrap,
+            log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        )
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    console.print(result.markdown.read_text(), highlight=False)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"wrote {result.out_dir} (baselines.md, baselines.csv, baselines_bar.png, segmentation.png)")
+
+
 @data_app.command("scan")
 def data_scan(
     root: Annotated[Path, typer.Argument(help="Dataset folder (or a lab CSV file).")],

@@ -261,6 +261,7 @@ _FIGURE_CAPTIONS = (
     ("confusion", "Confusion matrix at the validation-chosen threshold."),
     ("reliability", "Reliability diagram (before temperature scaling) with the ECE before and after."),
     ("scores", "Predicted probability per true class, with the decision threshold."),
+    ("baselines", "Classical ML vs CNN vs hybrid on the same test split (blastscan baselines), with 95% CIs."),
 )
 
 
@@ -338,6 +339,10 @@ def _figures(out_dir: Path, run_dir: Path, scored: Scored, metrics: dict[str, An
     }
     if (run_dir / "metrics.csv").is_file():
         made["training"] = figures.plot_training_curves(run_dir / "metrics.csv", out_dir / "training_curves.png")
+    # `blastscan baselines ... --cnn RUN --out RUN/baselines` puts the comparison where the report picks it up.
+    baselines_chart = run_dir / "baselines" / "baselines_bar.png"
+    if baselines_chart.is_file():
+        made["baselines"] = baselines_chart
     return made
 
 
