@@ -150,7 +150,7 @@ def evaluate_run(
             seed,
         )
         metrics["tta"] = tta_metrics
-    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
     _write_predictions(out_dir / "predictions.csv", manifest, scored, scored_tta)
     made = _figures(out_dir, run_dir, scored, metrics, threshold_95)
     made["errors"] = _error_gallery(out_dir / "confident_errors.png", manifest, scored, metrics["threshold"])
@@ -346,14 +346,14 @@ def _figures(out_dir: Path, run_dir: Path, scored: Scored, metrics: dict[str, An
     return made
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """NaN -> None and numpy scalars -> Python, so metrics.json is strict JSON."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
