@@ -316,6 +316,57 @@ def baselines(
     console.print(f"wrote {result.out_dir} (baselines.md, baselines.csv, baselines_bar.png, segmentation.png)")
 
 
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
+    images: Annotated[list[Path], typer.Argument(help="Images to explain.")],
+    method: Annotated[str, typer.Option(help="gradcam, gradcam++, scorecam or eigencam.")] = "gradcam",
+    out: Annotated[Path, typer.Option(help="Folder for the overlays.")] = Path("explanations"),
+    feature_maps: Annotated[bool, typer.Option(help="Also write early/middle/late activation-map grids.")] = False,
+) -> None:
+    """Per image: the original, the class-activation overlay for 'leukemic', and the predicted probability."""
+    from blastscan.explain.cam import explain_images, feature_map_grid
+
+    try:
+        records = explain_images(run, images, out, method=method)
+        grids = (
+            [feature_map_grid(run, image, out / f"{image.stem}_feature_maps.png") for image in images]
+            if (feature_maps)
+            else []
+        )
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    for record in records:
+        console.print(f"{record.image}: p(leukemic) = {record.probability:.3f} -> {record.overlay}", highlight=False)
+    for grid in grids:
+        console.print(f"feature maps: {grid}", highlight=False)
+    console.print(f"wrote {out} (explanations.csv)", highlight=False)
+
+
+@app.command("audit-shortcuts")
+def audit_shortcuts(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
+    split: Annotated[str, typer.Option(help="The run's split to audit.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/eval/shortcuts-SPLIT).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+) -> None:
+    """Re-score with the cell removed and with the background removed, and fit a background-only probe."""
+    from blastscan.explain.shortcuts import shortcut_audit
+
+    try:
+        report = shortcut_audit(
+            run,
+            split=split,
+            out_dir=out,
+            n_boot=bootstrap,
+            log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        )
+    except BlastscanError as exc:
+        raise fail(exc) from None
+    console.print(report.files["markdown"].read_text(), highlight=False)
+    console.print(f"wrote {report.files['markdown'].parent}", highlight=False)
+
+
 @data_app.command("scan")
 def data_scan(
     root: Annotated[Path, typer.Argument(help="Dataset folder (or a lab CSV file).")],

@@ -97,8 +97,12 @@ def evaluate_run(
     tta: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
+    explain: bool = True,
 ) -> EvaluationResult:
-    """Score `run_dir` on its own `split`, or on every image of `data` (a dataset folder, lab CSV or manifest)."""
+    """Score `run_dir` on its own `split`, or on every image of `data` (a dataset folder, lab CSV or manifest).
+
+    With `explain`, the report also gets Grad-CAM overlays of the most confident right and wrong calls and the
+    share of CAM energy inside the cell (see `blastscan.explain`)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -150,12 +154,42 @@ def evaluate_run(
             seed,
         )
         metrics["tta"] = tta_metrics
-    (out_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
     _write_predictions(out_dir / "predictions.csv", manifest, scored, scored_tta)
     made = _figures(out_dir, run_dir, scored, metrics, threshold_95)
     made["errors"] = _error_gallery(out_dir / "confident_errors.png", manifest, scored, metrics["threshold"])
+    if explain:
+        made.update(_explanations(out_dir, run_dir, run_model, manifest, scored, metrics, split_name))
+    (out_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
     made["report"] = write_evaluation_report(out_dir, run_dir, config, metrics, made, dataset, split_name)
     return EvaluationResult(out_dir, dataset, split_name, metrics, tta_metrics, made)
+
+
+def _explanations(
+    out_dir: Path,
+    run_dir: Path,
+    run_model: RunModel,
+    manifest: Manifest,
+    scored: Scored,
+    metrics: dict[str, Any],
+    split_name: str,
+) -> dict[str, Path]:
+    # Imported here: explanations pull in pytorch-grad-cam (and OpenCV), which plain scoring does not need.
+    from blastscan.explain.split_explanations import confident_cases_gallery, localisation_table, plot_localisation
+
+    made = {
+        "cams": confident_cases_gallery(
+            run_model, manifest, scored.rows, scored.targets, scored.probability, metrics["threshold"],
+            out_dir / "gradcam_gallery.png",
+        )
+    }  # fmt: skip
+    table = localisation_table(run_model, manifest, scored.rows, scored.targets)
+    table.to_csv(out_dir / "localisation.csv", index=False)
+    metrics["localisation"] = table.to_dict(orient="records")
+    made["localisation"] = plot_localisation(table, out_dir / "localisation.png")
+    shortcuts = run_dir / "eval" / f"shortcuts-{split_name}" / "shortcuts.png"
+    if shortcuts.is_file():
+        made["shortcuts"] = shortcuts
+    return made
 
 
 def _error_gallery(out: Path, manifest: Manifest, scored: Scored, threshold: float, per_kind: int = 6) -> Path:
@@ -262,6 +296,9 @@ _FIGURE_CAPTIONS = (
     ("reliability", "Reliability diagram (before temperature scaling) with the ECE before and after."),
     ("scores", "Predicted probability per true class, with the decision threshold."),
     ("baselines", "Classical ML vs CNN vs hybrid on the same test split (blastscan baselines), with 95% CIs."),
+    ("cams", "Grad-CAM: the most confident true positives, true negatives, false positives and false negatives."),
+    ("localisation", "Share of CAM energy inside the segmented cell, per method and class (up to 200 images)."),
+    ("shortcuts", "Shortcut audit (blastscan audit-shortcuts): scores with the cell or the background removed."),
 )
 
 

@@ -183,7 +183,7 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     return show_cam_on_image(image.astype(np.float32) / 255.0, np.clip(mask, 0.0, 1.0), use_rgb=True)
 
 
-def _model_inputs(run_model: RunModel, images: Sequence[np.ndarray]) -> torch.Tensor:
+def model_inputs(run_model: RunModel, images: Sequence[np.ndarray]) -> torch.Tensor:
     """The normalised batch the run's model sees: resized, stain-normalised as in training."""
     normalizer = stain_method_from_dict(run_model.stain_state) if run_model.stain_state is not None else None
     rows = []
@@ -224,7 +224,7 @@ def explain_images(
     used: set[str] = set()
     for path in map(Path, image_paths):
         image = load_rgb(path)
-        batch = _model_inputs(run_model, [image])
+        batch = model_inputs(run_model, [image])
         with torch.no_grad():
             probability = float(run_model.model(batch).float().softmax(dim=1)[0, 1])
         cam = compute_cams(run_model.model, batch, method=method, target_class=1, layer=layer)[0]
@@ -285,7 +285,7 @@ def feature_map_grid(
     else:
         run_model = run_dir_or_model if isinstance(run_dir_or_model, RunModel) else load_run_model(run_dir_or_model)
         model = run_model.model
-        batch = _model_inputs(run_model, [image])
+        batch = model_inputs(run_model, [image])
 
     convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
     order: list[str] = []
