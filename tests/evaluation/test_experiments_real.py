@@ -71,10 +71,16 @@ def test_evaluate_own_test_split(allidb2_run: Path) -> None:
     splits = pd.read_csv(allidb2_run / "splits.csv", skiprows=1)
     assert len(predictions) == (splits["split"] == "test").sum()
     for name in ("roc.png", "pr.png", "confusion_matrix.png", "reliability.png", "scores.png",
-                 "training_curves.png", "confident_errors.png", "report.html"):  # fmt: skip
+                 "training_curves.png", "confident_errors.png", "gradcam_gallery.png", "localisation.png",
+                 "localisation.csv", "report.html"):  # fmt: skip
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "image-level" in html.lower()
+    localisation = pd.read_csv(out / "localisation.csv")
+    assert set(localisation["method"]) == {"gradcam", "gradcam++", "eigencam"}
+    # A share is in [0, 1]; a class whose CAMs were all zero (an undertrained tiny model) has none, and says so.
+    defined = localisation["mean"].between(0, 1)
+    assert (defined | (localisation["mean"].isna() & (localisation["n"] == 0))).all() and defined.any()
 
 
 def test_evaluate_external_with_patients(allidb2_run: Path, deepapl_subset: Path) -> None:
@@ -123,3 +129,23 @@ def test_evaluate_cli(allidb2_run: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "roc_auc" in result.stdout and "chosen on validation" in result.stdout
+
+
+def test_explain_and_audit_shortcuts_cli(allidb2_run: Path, allidb2_dir: Path, tmp_path: Path) -> None:
+    image = allidb2_dir / "img" / "Im001_1.tif"
+    explained = subprocess.run(
+        [sys.executable, "-m", "blastscan", "explain", str(allidb2_run), str(image), "--method", "gradcam++",
+         "--feature-maps", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert explained.returncode == 0, explained.stderr[-2000:]
+    assert "p(leukemic)" in explained.stdout
+    for name in ("Im001_1_original.png", "Im001_1_gradcampp.png", "Im001_1_feature_maps.png", "explanations.csv"):
+        assert (tmp_path / "x" / name).is_file(), name
+    audited = subprocess.run(
+        [sys.executable, "-m", "blastscan", "audit-shortcuts", str(allidb2_run), "--bootstrap", "50",
+         "--out", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert audited.returncode == 0, audited.stderr[-2000:]
+    assert "cell removed" in audited.stdout and (tmp_path / "s" / "shortcuts.json").is_file()
