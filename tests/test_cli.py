@@ -62,6 +62,8 @@ def test_demo_on_synthetic_data(tmp_path: Path) -> None:
     assert summary["epochs"] >= 1 and summary["best_val_auroc"] is not None
     for name in ("manifest.csv", "splits.csv", "audit.json", "data/README.txt", "best.safetensors", "metrics.csv"):
         assert (tmp_path / "demo" / name).is_file()
+    assert summary["test_roc_auc"] is not None and Path(summary["report"]).is_file()
+    assert "SYNTHETIC" in Path(summary["report"]).read_text()
     again = run("demo", "--out", str(tmp_path / "demo"), "--epochs", "1")  # a re-run replaces the old demo
     assert again.returncode == 0, again.stdout + again.stderr
     (tmp_path / "mine").mkdir()

@@ -99,10 +99,16 @@ def demo(
         console.print(f"note: {note}", highlight=False)
     auroc = "n/a" if result.best_val_auroc is None else f"{result.best_val_auroc:.3f}"
     console.print(
-        f"trained {result.model} for {result.epochs} epochs: best validation AUROC {auroc} (epoch "
-        f"{result.best_epoch}); the test split is untouched until evaluation",
+        f"trained {result.model} for {result.epochs} epochs: best validation AUROC {auroc} (epoch {result.best_epoch})",
         highlight=False,
     )
+    if result.test_roc_auc is not None:
+        low, high = result.test_roc_auc_ci or (float("nan"), float("nan"))
+        console.print(
+            f"test split (patients never seen in training): AUROC {result.test_roc_auc:.3f} "
+            f"(95% CI {low:.3f}-{high:.3f}); report: {result.report}",
+            highlight=False,
+        )
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     console.print(f"run folder: {result.run_dir} ({timings})", highlight=False)
     if result.synthetic:

@@ -1,7 +1,8 @@
 """`blastscan demo`: the whole pipeline that exists so far, on generated SYNTHETIC cells or on real data.
 
 Synthetic: draw a small smear-cell dataset, then train the custom CNN on it (scan -> patient-level split ->
-audit -> image cache -> training with early stopping). Real (`data=PATH`): the same with EfficientNet-Lite0 from
+audit -> image cache -> training with early stopping) and evaluate it on the held-out test patients (metrics with
+CIs, Grad-CAM, the HTML report). Real (`data=PATH`): the same with EfficientNet-Lite0 from
 the packaged ImageNet weights. The run folder describes itself; for synthetic data it says that none of it is real.
 """
 
@@ -20,6 +21,7 @@ import pandas as pd
 from blastscan.data.audit import AuditReport, report_summary
 from blastscan.data.synthetic import SYNTHETIC_TAG, generate_dataset
 from blastscan.errors import ConfigError
+from blastscan.evaluation.evaluate import evaluate_run
 from blastscan.training.config import parse_config
 from blastscan.training.fit import train
 
@@ -55,12 +57,15 @@ class DemoResult:
     epochs: int
     best_val_auroc: float | None
     best_epoch: int | None
+    test_roc_auc: float | None = None
+    test_roc_auc_ci: list[float] | None = None
+    report: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["run_dir"], data["data_root"] = str(self.run_dir), str(self.data_root)
+        data["run_dir"], data["data_root"], data["report"] = str(self.run_dir), str(self.data_root), str(self.report)
         if self.synthetic:
             data = {"WARNING": f"{SYNTHETIC_TAG} data: procedurally drawn cells, not patients", **data}
         return json.dumps(data, indent=2)
@@ -113,6 +118,10 @@ def run_demo(
     start = time.perf_counter()
     result = train(parse_config(tree, source="demo"), progress_bar=True)
     seconds["train"] = round(time.perf_counter() - start, 2)
+    announce("evaluating on the held-out test patients, explaining, writing the report")
+    start = time.perf_counter()
+    evaluation = evaluate_run(run_dir, n_boot=200)
+    seconds["evaluate"] = round(time.perf_counter() - start, 2)
 
     report = AuditReport.model_validate_json((run_dir / "audit.json").read_text())
     splits = pd.read_csv(run_dir / "splits.csv", skiprows=1)
@@ -130,6 +139,9 @@ def run_demo(
         epochs=result.epochs,
         best_val_auroc=result.best_score,
         best_epoch=result.best_epoch,
+        test_roc_auc=evaluation.metrics.get("roc_auc"),
+        test_roc_auc_ci=(evaluation.metrics.get("ci") or {}).get("roc_auc"),
+        report=evaluation.out_dir / "report.html",
         seconds=seconds,
         notes=list(report.notes),
     )
