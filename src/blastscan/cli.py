@@ -335,11 +335,9 @@ def explain(
 
     try:
         records = explain_images(run, images, out, method=method)
-        grids = (
-            [feature_map_grid(run, image, out / f"{image.stem}_feature_maps.png") for image in images]
-            if (feature_maps)
-            else []
-        )
+        grids = []
+        if feature_maps:
+            grids = [feature_map_grid(run, image, out / f"{image.stem}_feature_maps.png") for image in images]
     except BlastscanError as exc:
         raise fail(exc) from None
     for record in records:
