@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/deptry src
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -2,12 +2,15 @@
 
 Everything a reader needs travels inside the file: figures are embedded as base64 data URIs, the CSS is inline,
 there is no script and no external resource (a Content-Security-Policy forbids them), so it renders offline.
-All text is escaped (Jinja2 autoescape).
+This module prepares the content (numbers formatted, rows chosen, images encoded); the markup lives in
+templates/report.html.j2 and the style in templates/report.css, shipped as package data. All text is escaped
+(Jinja2 autoescape).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import mimetypes
 import numbers
@@ -23,6 +26,7 @@ from pydantic import BaseModel, FilePath
 
 import blastscan
 
+TEMPLATE_NAME = "report.html.j2"  # in blastscan/evaluation/templates/
 EN_DASH = "\u2013"
 MISSING = "\u2014"
 
@@ -201,9 +205,23 @@ def write_report(out: str | Path, *, title: str, sections: ReportContent) -> Pat
     """Write the report to `out` (parents created) as one HTML file that stands alone; returns its path."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    html = _TEMPLATE.render(title=title, **_view(sections))
+    html = _template().render(title=title, **_view(sections))
     out.write_text(html, encoding="utf-8")
     return out
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    """The report template, loaded once from the package so that it works from a wheel as well as from a checkout."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("blastscan.evaluation", "templates"),
+        # Every template here is HTML (the CSS partial has no expressions), so escaping is on whatever the name.
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "html.j2"), default=True),
+        undefined=jinja2.StrictUndefined,  # a context key the template expects but _view forgot fails loudly
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return environment.get_template(TEMPLATE_NAME)
 
 
 def _finite(value: Any) -> bool:
@@ -484,248 +502,3 @@ def _view(content: ReportContent) -> dict[str, Any]:
         "version": blastscan.__version__,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-
-
-_CSS = """
-:root { --ink:#1a202c; --muted:#4a5568; --line:#e2e8f0; --soft:#f7fafc; --accent:#2c5282;
-        --warn-bg:#fffaf0; --warn:#c05621; --danger-bg:#fff5f5; --danger:#c53030; --ok:#2f855a; }
-* { box-sizing: border-box; }
-html { background: #edf2f7; }
-body { margin: 0; color: var(--ink); font: 15px/1.55 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
-       "Liberation Sans", "DejaVu Sans", sans-serif; }
-main { max-width: 1100px; margin: 24px auto; background: #fff; padding: 36px 48px 24px;
-       border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.08); }
-header h1 { margin: 0 0 4px; font-size: 26px; letter-spacing: -.01em; }
-header .subtitle { color: var(--muted); margin: 0 0 18px; }
-nav { font-size: 13px; border-top: 1px solid var(--line); border-bottom: 1px solid var(--line); padding: 8px 0;
-      margin-bottom: 20px; }
-nav a { color: var(--accent); text-decoration: none; margin-right: 14px; white-space: nowrap; }
-h2 { font-size: 19px; margin: 34px 0 12px; padding-bottom: 6px; border-bottom: 2px solid var(--line); }
-h3 { font-size: 15px; margin: 20px 0 8px; color: var(--muted); text-transform: uppercase; letter-spacing: .04em; }
-p { margin: 8px 0; }
-.muted { color: var(--muted); }
-.note { color: var(--muted); font-size: 13px; }
-.alert { border-left: 5px solid; padding: 10px 14px; margin: 10px 0; border-radius: 4px; }
-.alert strong { display: block; text-transform: uppercase; letter-spacing: .05em; font-size: 13px; }
-.alert.warning { background: var(--warn-bg); border-color: var(--warn); }
-.alert.warning strong { color: var(--warn); }
-.alert.danger { background: var(--danger-bg); border-color: var(--danger); }
-.alert.danger strong { color: var(--danger); }
-.cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 18px 0 6px; }
-.card { flex: 1 1 170px; border: 1px solid var(--line); border-radius: 6px; padding: 12px 14px;
-        background: var(--soft); }
-.card .name { font-size: 12px; color: var(--muted); text-transform: uppercase; letter-spacing: .05em; }
-.card .value { font-size: 26px; font-weight: 600; font-variant-numeric: tabular-nums; }
-.card .ci { font-size: 12px; color: var(--muted); }
-table { border-collapse: collapse; margin: 8px 0 12px; font-size: 14px; min-width: 50%; }
-th, td { border-bottom: 1px solid var(--line); padding: 6px 12px; text-align: left; vertical-align: top; }
-thead th { background: var(--soft); font-weight: 600; border-bottom: 2px solid var(--line); }
-tbody tr:nth-child(even) { background: #fbfcfd; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-tfoot td { font-weight: 600; border-top: 2px solid var(--line); }
-table.kv th { width: 40%; font-weight: 500; color: var(--muted); background: none; }
-table.config td:first-child { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, "DejaVu Sans Mono",
-  monospace; font-size: 13px; color: var(--accent); }
-tr.oracle td { color: var(--warn); font-style: italic; }
-.bad { color: var(--danger); font-weight: 700; }
-.good { color: var(--ok); font-weight: 600; }
-.figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(440px, 1fr)); gap: 20px; }
-figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 12px; background: #fff;
-         break-inside: avoid; }
-figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
-figcaption { font-size: 13px; color: var(--muted); margin-top: 8px; }
-figcaption b { color: var(--ink); }
-figure.wide { grid-column: 1 / -1; }
-ul { margin: 6px 0; padding-left: 22px; }
-footer { margin-top: 40px; padding-top: 10px; border-top: 1px solid var(--line); font-size: 12px;
-         color: var(--muted); }
-@media print { html { background: #fff; } main { box-shadow: none; margin: 0; max-width: none; padding: 0; }
-               nav { display: none; } h2 { break-after: avoid; } }
-"""
-
-_HTML = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
-<meta name="generator" content="blastscan {{ version }}">
-<title>{{ title }}</title>
-<style>{{ css | safe }}</style>
-</head>
-<body>
-<main>
-<header>
-  <h1>{{ title }}</h1>
-  <p class="subtitle">Run <b>{{ run_name }}</b> &middot; {{ dataset }}
-    &middot; evaluated on the {{ evaluated_on }} set</p>
-</header>
-<nav>
-  <a href="#run">Run</a><a href="#data">Data</a><a href="#config">Configuration</a><a href="#metrics">Metrics</a>
-  <a href="#operating-points">Operating points</a><a href="#calibration">Calibration</a>
-  <a href="#patient-level">Patient level</a><a href="#tta">TTA</a><a href="#figures">Figures</a>
-  <a href="#errors">Confident errors</a><a href="#model-card">Model card</a>
-</nav>
-{% for w in warnings %}
-<div class="alert {{ w.level }}"><strong>{{ w.title }}</strong>{{ w.text }}</div>
-{% endfor %}
-{% if headline %}
-<div class="cards">
-  {% for c in headline %}
-  <div class="card"><div class="name">{{ c.name }}</div><div class="value">{{ c.value }}</div>
-    <div class="ci">{{ c.ci }}</div></div>
-  {% endfor %}
-</div>
-{% endif %}
-
-<section id="run">
-<h2>1. Run and dataset</h2>
-<table class="kv"><tbody>
-{% for name, value in identification %}<tr><th>{{ name }}</th><td>{{ value }}</td></tr>
-{% endfor %}
-</tbody></table>
-</section>
-
-<section id="data">
-<h2>2. Data</h2>
-<h3>Images per split and class</h3>
-<table>
-  <thead><tr><th>split</th>{% for h in splits.header %}<th class="num">{{ h }}</th>{% endfor %}</tr></thead>
-  <tbody>{% for r in splits.rows %}<tr><td>{{ r.split }}</td>{% for c in r.cells %}<td class="num">{{ c }}</td>
-  {% endfor %}</tr>{% endfor %}</tbody>
-  <tfoot><tr><td>total</td>{% for c in splits.totals %}<td class="num">{{ c }}</td>{% endfor %}</tr></tfoot>
-</table>
-<h3>Leakage audit</h3>
-{% if audit %}
-<table class="kv"><tbody>
-{% for name, value in audit %}<tr><th>{{ name }}</th>
-  <td class="num">{% if loop.first %}<span class="{{ 'bad' if audit_leaks else 'good' }}">{{ value }}</span>
-  {% else %}{{ value }}{% endif %}</td></tr>
-{% endfor %}
-</tbody></table>
-{% else %}<p class="muted">No leakage audit was attached to this run.</p>{% endif %}
-{% if data_notes %}<ul class="note">{% for n in data_notes %}<li>{{ n }}</li>{% endfor %}</ul>{% endif %}
-</section>
-
-<section id="config">
-<h2>3. Model and training configuration</h2>
-{% if config %}
-<table class="config"><thead><tr><th>key</th><th>value</th></tr></thead><tbody>
-{% for key, value in config %}<tr><td>{{ key }}</td><td>{{ value }}</td></tr>
-{% endfor %}
-</tbody></table>
-{% else %}<p class="muted">No configuration was attached.</p>{% endif %}
-</section>
-
-<section id="metrics">
-<h2>4. Metrics on the {{ evaluated_on }} set</h2>
-<p class="note">Point estimate with its 95% confidence interval in brackets. Threshold-dependent metrics use the
-  threshold {{ metrics_threshold }}, chosen on the validation set.</p>
-<table><thead><tr><th>metric</th><th class="num">estimate (95% CI)</th></tr></thead><tbody>
-{% for m in metrics %}<tr><td>{{ m.name }}</td><td class="num">{{ m.value }}</td></tr>
-{% endfor %}
-</tbody></table>
-</section>
-
-<section id="operating-points">
-<h2>5. Operating points</h2>
-{% if operating %}
-<table><thead><tr><th>operating point</th><th class="num">threshold</th><th class="num">sensitivity</th>
-  <th class="num">specificity</th><th>status</th></tr></thead><tbody>
-{% for r in operating.rows %}<tr class="{{ r.kind }}"><td>{{ r.name }}</td><td class="num">{{ r.threshold }}</td>
-  <td class="num">{{ r.sensitivity }}</td><td class="num">{{ r.specificity }}</td><td>{{ r.status }}</td></tr>
-{% endfor %}
-</tbody></table>
-<p class="note">The validation-chosen threshold is fixed before the test set is seen, so its sensitivity is an
-  honest estimate. The test-oracle row picks the threshold on the test set itself; it is shown only to measure how
-  far the validation threshold drifts and must not be quoted as performance.</p>
-{% else %}<p class="muted">Not computed for this run.</p>{% endif %}
-</section>
-
-<section id="calibration">
-<h2>6. Calibration</h2>
-{% if calibration %}
-<table class="kv"><tbody>
-{% for name, value in calibration %}<tr><th>{{ name }}</th><td class="num">{{ value }}</td></tr>
-{% endfor %}
-</tbody></table>
-{% else %}<p class="muted">Not computed for this run.</p>{% endif %}
-</section>
-
-<section id="patient-level">
-<h2>7. Patient-level results</h2>
-{% if patient_metrics or patient_rows %}
-{% if patient_rule %}<p class="note">{{ patient_rule }}</p>{% endif %}
-{% if patient_metrics %}
-<table><thead><tr><th>metric (per patient)</th><th class="num">estimate (95% CI)</th></tr></thead><tbody>
-{% for m in patient_metrics %}<tr><td>{{ m.name }}</td><td class="num">{{ m.value }}</td></tr>
-{% endfor %}
-</tbody></table>
-{% endif %}
-{% if patient_rows %}
-<h3>Per patient</h3>
-<table><thead><tr>{% for c in patient_columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
-{% for r in patient_rows %}<tr>{% for v in r %}<td{% if v.num %} class="num"{% endif %}>{{ v.text }}</td>
-{% endfor %}</tr>
-{% endfor %}
-</tbody></table>
-{% endif %}
-{% else %}<p class="muted">Not computed for this run (no patient identities, or not requested).</p>{% endif %}
-</section>
-
-<section id="tta">
-<h2>8. Test-time augmentation</h2>
-{% if tta %}
-<table><thead><tr><th>metric</th><th class="num">plain</th><th class="num">with TTA</th>
-  <th class="num">difference</th></tr></thead><tbody>
-{% for r in tta %}<tr><td>{{ r.name }}</td><td class="num">{{ r.plain }}</td><td class="num">{{ r.tta }}</td>
-  <td class="num">{{ r.difference }}</td></tr>
-{% endfor %}
-</tbody></table>
-{% else %}<p class="muted">Not computed for this run.</p>{% endif %}
-</section>
-
-<section id="figures">
-<h2>9. Figures</h2>
-{% if figures %}
-<div class="figures">
-{% for f in figures %}
-<figure{% if f.wide %} class="wide"{% endif %}><img src="{{ f.src }}" alt="{{ f.caption }}">
-  <figcaption><b>Figure {{ loop.index }}.</b> {{ f.caption }}</figcaption></figure>
-{% endfor %}
-</div>
-{% else %}<p class="muted">No figures were attached.</p>{% endif %}
-</section>
-
-<section id="errors">
-<h2>10. Most confident errors</h2>
-{% if gallery %}
-<figure class="wide"><img src="{{ gallery }}" alt="{{ gallery_caption }}">
-  <figcaption>{{ gallery_caption }}</figcaption></figure>
-{% else %}<p class="muted">No gallery was attached.</p>{% endif %}
-</section>
-
-<section id="model-card">
-<h2>11. Model card</h2>
-{% if synthetic %}<div class="alert danger"><strong>Synthetic data</strong>This model was trained and evaluated
-  on SYNTHETIC images. It has not seen a real blood smear and must not be applied to one.</div>{% endif %}
-<h3>Intended use</h3><p>{{ card.intended_use }}</p>
-<h3>Out of scope</h3><p>{{ card.out_of_scope }}</p>
-<h3>Training data</h3><p>{{ card.training_data }}</p>
-<h3>Evaluation data</h3><p>{{ card.evaluation_data }}</p>
-<h3>Known limitations</h3>
-{% if card.limitations %}<ul>{% for item in card.limitations %}<li>{{ item }}</li>{% endfor %}</ul>
-{% else %}<p class="muted">None recorded.</p>{% endif %}
-</section>
-
-<footer>Generated by blastscan {{ version }} on {{ generated }}. This file is self-contained: figures are embedded
-  and it loads nothing from the network.</footer>
-</main>
-</body>
-</html>
-"""
-
-_ENVIRONMENT = jinja2.Environment(
-    autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
-)
-_TEMPLATE = _ENVIRONMENT.from_string(_HTML, globals={"css": _CSS})
