@@ -23,7 +23,7 @@ from blastscan.explain.cam import (
 )
 from blastscan.models import create
 from blastscan.training.config import parse_config
-from blastscan.training.fit import train
+from blastscan.workflows.train import train
 from training.conftest import fast_config
 
 TINY = {"widths": [8, 16, 16, 32]}
@@ -97,7 +97,7 @@ def test_generic_fallback_and_refusals() -> None:
         target_layer(nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 2)))
     with pytest.raises(ConfigError, match="unknown CAM method"):
         compute_cams(plain, torch.randn(1, 3, 16, 16), method="nope")
-    assert set(CAM_METHODS) == {"gradcam", "gradcam++", "scorecam", "eigencam"}
+    assert CAM_METHODS.names() == ["eigencam", "gradcam", "gradcam++", "scorecam"]
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from blastscan.models import (
     freeze_backbone,
     model_names,
     preprocessing_for,
-    register,
     unfreeze,
 )
+from blastscan.registry import Registry
 
 TIMM_NAMES = [
     "resnet18",
@@ -137,7 +137,10 @@ def test_freeze_backbone_leaves_only_the_head_trainable(name: str) -> None:
 
 def test_registering_a_model_makes_it_creatable(monkeypatch: pytest.MonkeyPatch) -> None:
     # A private copy of the registry, so the test model does not outlive the test.
-    monkeypatch.setattr(factory, "_MODELS", dict(factory._MODELS))
+    models: Registry = Registry("model")
+    for name, build in factory.MODELS.items():
+        models.add(name, build, **factory.MODELS.meta(name))
+    monkeypatch.setattr(factory, "MODELS", models)
 
     class Tiny(nn.Module):
         def __init__(self, num_classes: int) -> None:
@@ -150,7 +153,7 @@ def test_registering_a_model_makes_it_creatable(monkeypatch: pytest.MonkeyPatch)
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x.mean((2, 3)))
 
-    @register("tiny_test_model", input_size=(3, 32, 32))
+    @models.register("tiny_test_model", input_size=(3, 32, 32))
     def tiny(num_classes: int, drop_rate: float, in_chans: int) -> nn.Module:
         return Tiny(num_classes)
 
@@ -158,4 +161,4 @@ def test_registering_a_model_makes_it_creatable(monkeypatch: pytest.MonkeyPatch)
     assert create("tiny_test_model", num_classes=4)(torch.randn(1, 3, 8, 8)).shape == (1, 4)
     assert preprocessing_for("tiny_test_model")["input_size"] == (3, 32, 32)
     with pytest.raises(ValueError, match="already registered"):
-        register("tiny_test_model")(tiny)
+        models.register("tiny_test_model")(tiny)

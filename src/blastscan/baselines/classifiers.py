@@ -13,6 +13,7 @@ change none of the reported metrics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,66 +28,55 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from blastscan.errors import ConfigError
+from blastscan.registry import Registry
+
+#: The classifiers, by name. Each builder below registers itself with `@CLASSIFIERS.register(name, label=...,
+#: order=...)` and returns `(unfitted Pipeline, param_grid)` for a `random_state`; `label` is its name in tables,
+#: `order` its place in them.
+CLASSIFIERS: Registry[Callable[[int], tuple[Pipeline, dict[str, list[Any]]]]] = Registry("classifier")
+
+
+@CLASSIFIERS.register("svm_rbf", label="SVM (RBF)", order=0)
+def _svm_rbf(random_state: int) -> tuple[Pipeline, dict[str, list[Any]]]:
+    svm = SVC(kernel="rbf", C=1.0, gamma="scale", class_weight="balanced", random_state=random_state)
+    return Pipeline([("scale", StandardScaler()), ("svm", svm)]), {"svm__C": [1.0, 10.0]}
+
+
+@CLASSIFIERS.register("random_forest", label="Random forest", order=1)
+def _random_forest(random_state: int) -> tuple[Pipeline, dict[str, list[Any]]]:
+    forest = RandomForestClassifier(
+        n_estimators=200, class_weight="balanced_subsample", random_state=random_state, n_jobs=1
+    )
+    return Pipeline([("forest", forest)]), {"forest__min_samples_leaf": [1, 3]}
+
+
+@CLASSIFIERS.register("knn", label="k-NN", order=2)
+def _knn(random_state: int) -> tuple[Pipeline, dict[str, list[Any]]]:
+    pipeline = Pipeline([("scale", StandardScaler()), ("knn", KNeighborsClassifier(weights="distance"))])
+    return pipeline, {"knn__n_neighbors": [5, 15, 31]}
+
+
+@CLASSIFIERS.register("logistic_regression", label="Logistic regression", order=3)
+def _logistic_regression(random_state: int) -> tuple[Pipeline, dict[str, list[Any]]]:
+    logreg = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)
+    return Pipeline([("scale", StandardScaler()), ("logreg", logreg)]), {"logreg__C": [0.01, 0.1, 1.0]}
+
 
 #: Display names of the classifiers, in the order tables list them.
 CLASSIFIER_NAMES = {
-    "svm_rbf": "SVM (RBF)",
-    "random_forest": "Random forest",
-    "knn": "k-NN",
-    "logistic_regression": "Logistic regression",
+    name: CLASSIFIERS.meta(name)["label"]
+    for name in sorted(CLASSIFIERS.names(), key=lambda name: CLASSIFIERS.meta(name)["order"])
 }
 
 
 def make_classifiers(random_state: int = 0) -> dict[str, tuple[Pipeline, dict[str, list[Any]]]]:
-    """{name: (unfitted Pipeline, param_grid)} for svm_rbf, random_forest, knn and logistic_regression.
+    """{name: (unfitted Pipeline, param_grid)} for every classifier in CLASSIFIERS, in table order.
 
     Grids are small (2-4 candidates) so that tuning by 3-fold grouped CV on a few thousand images takes seconds
     to a minute per classifier on 2 cores. Classes are balanced by weights (SVM, random forest, logistic
     regression), k-NN by distance weighting; scale-sensitive models standardise their features first.
     """
-    return {
-        "svm_rbf": (
-            Pipeline(
-                [
-                    ("scale", StandardScaler()),
-                    (
-                        "svm",
-                        SVC(kernel="rbf", C=1.0, gamma="scale", class_weight="balanced", random_state=random_state),
-                    ),
-                ]
-            ),
-            {"svm__C": [1.0, 10.0]},
-        ),
-        "random_forest": (
-            Pipeline(
-                [
-                    (
-                        "forest",
-                        RandomForestClassifier(
-                            n_estimators=200,
-                            class_weight="balanced_subsample",
-                            random_state=random_state,
-                            n_jobs=1,
-                        ),
-                    )
-                ]
-            ),
-            {"forest__min_samples_leaf": [1, 3]},
-        ),
-        "knn": (
-            Pipeline([("scale", StandardScaler()), ("knn", KNeighborsClassifier(weights="distance"))]),
-            {"knn__n_neighbors": [5, 15, 31]},
-        ),
-        "logistic_regression": (
-            Pipeline(
-                [
-                    ("scale", StandardScaler()),
-                    ("logreg", LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)),
-                ]
-            ),
-            {"logreg__C": [0.01, 0.1, 1.0]},
-        ),
-    }
+    return {name: CLASSIFIERS.get(name)(random_state) for name in CLASSIFIER_NAMES}
 
 
 def grouped_folds(

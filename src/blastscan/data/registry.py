@@ -2,18 +2,20 @@
 
 A reader knows one folder layout. `locate(root)` says where under `root` its layout starts (or None when the
 layout is not there), and `rows(located, options, notes)` lists one dict per image, with `path` relative to the
-located folder. Adding a dataset means adding one module under `blastscan/data/readers/` that calls `register`.
+located folder. Adding a dataset means adding one module under `blastscan/data/readers/` whose reader class is
+decorated with `@READERS.register(name)`. This module imports no reader: `blastscan.data` imports them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from blastscan.errors import DatasetError
+from blastscan.registry import Registry
 
 
 class ReaderOptions(BaseModel):
@@ -33,7 +35,7 @@ class ReaderOptions(BaseModel):
 class DatasetReader(ABC):
     """A reader for one dataset layout."""
 
-    #: The `--format` name.
+    #: The `--format` name: the name it is registered under in `READERS`.
     name: ClassVar[str]
     #: One line for `--help` and for the message that says which reader `auto` chose.
     description: ClassVar[str]
@@ -56,55 +58,37 @@ class DatasetReader(ABC):
         return located
 
 
-_READERS: dict[str, DatasetReader] = {}
-
-R = TypeVar("R", bound=type[DatasetReader])
-
-
-def register(cls: R) -> R:
-    """Class decorator: make a reader available to `scan` under its `name`."""
-    if cls.name in _READERS:
-        raise ValueError(f"a dataset reader named {cls.name!r} is already registered")
-    _READERS[cls.name] = cls()
-    return cls
+#: Every dataset reader, by its `--format` name; each module under `blastscan/data/readers/` registers its
+#: reader classes with `@READERS.register(name)`, and `blastscan.data` imports them all.
+READERS: Registry[type[DatasetReader]] = Registry("dataset format", error=DatasetError)
 
 
 def reader_names() -> list[str]:
     """Names accepted by `--format` (besides `auto`)."""
-    _load_builtin_readers()
-    return sorted(_READERS)
+    return READERS.names()
 
 
 def get_reader(name: str) -> DatasetReader:
     """The reader registered as `name`."""
-    _load_builtin_readers()
-    try:
-        return _READERS[name]
-    except KeyError:
-        raise DatasetError(
-            f"unknown dataset format {name!r}; choose one of auto, {', '.join(reader_names())}"
-        ) from None
+    if name not in READERS:
+        raise DatasetError(f"unknown dataset format {name!r}; choose one of auto, {', '.join(READERS.names())}")
+    return READERS.get(name)()
 
 
 def detect_format(root: Path) -> tuple[DatasetReader, Path]:
     """Pick the reader whose layout `root` has; fails with a message that lists what was found."""
-    _load_builtin_readers()
-    specific = [(r, loc) for r in _READERS.values() if not r.generic and (loc := r.locate(root)) is not None]
+    readers = [get_reader(name) for name in READERS.names()]
+    specific = [(r, loc) for r in readers if not r.generic and (loc := r.locate(root)) is not None]
     if len(specific) == 1:
         return specific[0]
     if len(specific) > 1:
         found = "; ".join(f"{loc} ({r.name})" for r, loc in specific)
         raise DatasetError(f"{root}: holds more than one dataset: {found}. Scan one folder at a time or pass --format")
-    generic = [(r, loc) for r in _READERS.values() if r.generic and (loc := r.locate(root)) is not None]
+    generic = [(r, loc) for r in readers if r.generic and (loc := r.locate(root)) is not None]
     if generic:
         return generic[0]
     raise DatasetError(
         f"{root}: no known dataset layout found. Expected one of: "
-        + "; ".join(f"{r.name}: {r.description}" for r in sorted(_READERS.values(), key=lambda r: r.name))
+        + "; ".join(f"{r.name}: {r.description}" for r in readers)
         + ". Pass --format to name one"
     )
-
-
-def _load_builtin_readers() -> None:
-    # Importing the package runs each reader module's `@register`.
-    import blastscan.data.readers  # noqa: F401

@@ -21,18 +21,23 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, ScoreCAM
+from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from blastscan.data.images import load_rgb, resize_rgb
-from blastscan.data.stain import stain_method_from_dict
 from blastscan.errors import ConfigError
-from blastscan.evaluation.predict import RunModel, load_run_model
+from blastscan.inference import Predictor
 from blastscan.models.custom_cnn import BlastscanCNN
+from blastscan.registry import Registry
 
-#: The CAM methods `compute_cams` accepts, by name.
-CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM, "eigencam": EigenCAM}
+#: The CAM methods `compute_cams` accepts, by name (pytorch-grad-cam classes, so added rather than decorated).
+CAM_METHODS: Registry[type[BaseCAM]] = Registry("CAM method")
+CAM_METHODS.add("gradcam", GradCAM)
+CAM_METHODS.add("gradcam++", GradCAMPlusPlus)
+CAM_METHODS.add("scorecam", ScoreCAM)
+CAM_METHODS.add("eigencam", EigenCAM)
 
 #: Overlays and originals are drawn no larger than this on their longer side.
 MAX_DISPLAY_SIDE = 512
@@ -137,12 +142,11 @@ def compute_cams(
     layer: nn.Module | None = None,
 ) -> np.ndarray:
     """(B, H, W) float32 maps in [0, 1] of where `model` sees class `target_class` in a normalised (B, 3, H, W)
-    batch, by CAM `method` (a key of CAM_METHODS) on `layer` (default: `target_layer(model)`).
+    batch, by CAM `method` (a name in CAM_METHODS) on `layer` (default: `target_layer(model)`).
 
     The model's training mode is restored afterwards and its parameter gradients are cleared.
     """
-    if method not in CAM_METHODS:
-        raise ConfigError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    cam_method = CAM_METHODS.get(method)  # an unknown name raises ConfigError listing the choices
     if images_normalised.ndim != 4 or images_normalised.shape[1] != 3:
         raise ConfigError(f"CAMs need a (B, 3, H, W) batch, got shape {tuple(images_normalised.shape)}")
     if len(images_normalised) == 0:
@@ -153,7 +157,7 @@ def compute_cams(
     images = images_normalised.detach().float().to(_device(model)).requires_grad_(True)
     targets = [ClassifierOutputTarget(target_class)] * len(images)
     try:
-        with torch.enable_grad(), CAM_METHODS[method](model=model, target_layers=[layer]) as cam:
+        with torch.enable_grad(), cam_method(model=model, target_layers=[layer]) as cam:
             if method == "scorecam":
                 cam.batch_size = 32
                 with contextlib.redirect_stderr(io.StringIO()):  # ScoreCAM draws a tqdm bar; the library is silent
@@ -183,15 +187,9 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     return show_cam_on_image(image.astype(np.float32) / 255.0, np.clip(mask, 0.0, 1.0), use_rgb=True)
 
 
-def model_inputs(run_model: RunModel, images: Sequence[np.ndarray]) -> torch.Tensor:
-    """The normalised batch the run's model sees: resized, stain-normalised as in training."""
-    normalizer = stain_method_from_dict(run_model.stain_state) if run_model.stain_state is not None else None
-    rows = []
-    for image in images:
-        row = resize_rgb(image, run_model.image_size)
-        rows.append(normalizer.normalize(row) if normalizer is not None else row)
-    batch = torch.from_numpy(np.ascontiguousarray(np.stack(rows))).permute(0, 3, 1, 2)
-    return run_model.normalize(batch.to(_device(run_model.model)), train=False)
+def model_inputs(predictor: Predictor, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """The normalised batch the predictor's network sees: resized, stain-normalised as in training."""
+    return predictor.to_input(np.stack([predictor.prepare(image) for image in images]))
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -204,30 +202,32 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def explain_images(
-    run_dir: str | Path, image_paths: Sequence[str | Path], out_dir: str | Path, method: str = "gradcam"
+    run_dir: str | Path | Predictor,
+    image_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    method: str = "gradcam",
+    device: str = "auto",
 ) -> list[ExplanationRecord]:
-    """Explain the leukemic class for each image with the model of `run_dir`.
+    """Explain the leukemic class for each image with the model of `run_dir` (a run folder, or its Predictor).
 
     Writes `<stem>_original.png` and `<stem>_<method>.png` (the CAM over the image) per image (a repeated stem
     gets `_2`, `_3`, ...) and `explanations.csv` (image, probability, method, files: the two file names joined by
     ";") into `out_dir`; returns one record per image, in order. Images larger than MAX_DISPLAY_SIDE are drawn
     shrunk.
     """
-    if method not in CAM_METHODS:
-        raise ConfigError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
-    run_model = load_run_model(run_dir)
+    CAM_METHODS.get(method)  # fail before loading the model: an unknown name raises ConfigError listing the choices
+    predictor = run_dir if isinstance(run_dir, Predictor) else Predictor.from_run(run_dir, device=device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    layer = target_layer(run_model.model)
+    layer = target_layer(predictor.model)
     suffix = method.replace("+", "p")  # "gradcam++" -> "gradcampp": no "+" in file names
     records: list[ExplanationRecord] = []
     used: set[str] = set()
     for path in map(Path, image_paths):
         image = load_rgb(path)
-        batch = model_inputs(run_model, [image])
-        with torch.no_grad():
-            probability = float(run_model.model(batch).float().softmax(dim=1)[0, 1])
-        cam = compute_cams(run_model.model, batch, method=method, target_class=1, layer=layer)[0]
+        batch = model_inputs(predictor, [image])
+        probability = float(predictor.forward(batch, tta=False).softmax(dim=1)[0, 1])
+        cam = compute_cams(predictor.model, batch, method=method, target_class=1, layer=layer)[0]
         display = _display_image(image)
         stem = _unique_stem(path, used)
         original, overlay = out_dir / f"{stem}_original.png", out_dir / f"{stem}_{suffix}.png"
@@ -257,7 +257,7 @@ def _bare_axis(ax) -> None:
 
 
 def feature_map_grid(
-    run_dir_or_model: str | Path | RunModel | nn.Module,
+    run_dir_or_model: str | Path | Predictor | nn.Module,
     image_path: str | Path,
     out: str | Path,
     n_maps: int = 8,
@@ -283,9 +283,11 @@ def feature_map_grid(
         pixels = torch.from_numpy(np.array(resize_rgb(image, size))).permute(2, 0, 1)[None].float() / 255.0
         batch = ((pixels - mean) / std).to(_device(model))
     else:
-        run_model = run_dir_or_model if isinstance(run_dir_or_model, RunModel) else load_run_model(run_dir_or_model)
-        model = run_model.model
-        batch = model_inputs(run_model, [image])
+        predictor = (
+            run_dir_or_model if isinstance(run_dir_or_model, Predictor) else Predictor.from_run(run_dir_or_model)
+        )
+        model = predictor.model
+        batch = model_inputs(predictor, [image])
 
     convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
     order: list[str] = []

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from blastscan.errors import ConfigError
-from blastscan.models.factory import HALF_MEAN, HALF_STD, register
+from blastscan.models.factory import HALF_MEAN, HALF_STD, MODELS
 
 
 class BlastscanCNN(nn.Module):
@@ -114,7 +114,7 @@ class BlastscanCNN(nn.Module):
 _OPTIONS = {"widths", "convs_per_block", "hidden"}
 
 
-@register("blastscan_cnn", mean=HALF_MEAN, std=HALF_STD, input_size=(3, 224, 224))
+@MODELS.register("blastscan_cnn", mean=HALF_MEAN, std=HALF_STD, input_size=(3, 224, 224))
 def blastscan_cnn(num_classes: int = 2, drop_rate: float = 0.3, in_chans: int = 3, **kwargs) -> BlastscanCNN:
     """The seed paper's custom CNN; kwargs: widths, convs_per_block, hidden."""
     unknown = sorted(set(kwargs) - _OPTIONS)

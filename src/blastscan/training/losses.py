@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,14 +20,12 @@ from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
 from blastscan.errors import ConfigError
+from blastscan.registry import Registry
 
-LOSS_NAMES = ("ce", "weighted_ce", "class_balanced", "focal")
-_PARAMS: dict[str, dict[str, Any]] = {
-    "ce": {},
-    "weighted_ce": {},
-    "class_balanced": {"beta": 0.999, "base": "ce", "gamma": 2.0},
-    "focal": {"gamma": 2.0, "alpha": None},
-}
+#: The losses, by name. Each builder below registers itself with `@LOSSES.register(name, params={...})`: it
+#: takes the training split's checked class counts and the loss's options (`params` defaults updated by the
+#: config's `loss.params`) and returns the loss module. `make_loss` is the door; the config accepts `LOSSES.names()`.
+LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss")
 
 
 def inverse_frequency_weights(class_counts: Sequence[int]) -> torch.Tensor:
@@ -89,6 +87,33 @@ class FocalLoss(nn.Module):
         return f"gamma={self.gamma}, alpha={alpha}"
 
 
+@LOSSES.register("ce", params={})
+def _cross_entropy(counts: torch.Tensor) -> nn.Module:
+    return nn.CrossEntropyLoss()
+
+
+@LOSSES.register("weighted_ce", params={})
+def _weighted_cross_entropy(counts: torch.Tensor) -> nn.Module:
+    return nn.CrossEntropyLoss(weight=inverse_frequency_weights(counts.tolist()))
+
+
+@LOSSES.register("focal", params={"gamma": 2.0, "alpha": None})
+def _focal(counts: torch.Tensor, gamma: float, alpha: Sequence[float] | None) -> nn.Module:
+    if alpha is not None and len(alpha) != len(counts):
+        raise ConfigError(f"focal alpha has {len(alpha)} weights for {len(counts)} classes; give one per class")
+    return FocalLoss(gamma=gamma, alpha=alpha)
+
+
+@LOSSES.register("class_balanced", params={"beta": 0.999, "base": "ce", "gamma": 2.0})
+def _class_balanced(counts: torch.Tensor, beta: float, base: str, gamma: float) -> nn.Module:
+    weights = class_balanced_weights(counts.tolist(), beta=beta)
+    if base == "ce":
+        return nn.CrossEntropyLoss(weight=weights)
+    if base == "focal":
+        return FocalLoss(gamma=gamma, alpha=weights)
+    raise ConfigError(f"class_balanced base must be 'ce' or 'focal', got {base!r}")
+
+
 def make_loss(name: str, class_counts: Sequence[int], **params: Any) -> nn.Module:
     """The loss called `name`, with class weights derived from the training split's `class_counts`.
 
@@ -96,30 +121,14 @@ def make_loss(name: str, class_counts: Sequence[int], **params: Any) -> nn.Modul
     "focal" (gamma=2.0, alpha=None or per-class weights). Weighted cross-entropy is nn.CrossEntropyLoss(weight=w),
     whose batch mean is weighted by w. Raises ConfigError for an unknown name or parameter, or an empty class.
     """
-    if name not in _PARAMS:
-        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
-    unknown = sorted(set(params) - set(_PARAMS[name]))
+    build = LOSSES.get(name)
+    defaults = LOSSES.meta(name)["params"]
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
-        accepted = ", ".join(f"{k}={v!r}" for k, v in _PARAMS[name].items()) or "none"
+        accepted = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
         raise ConfigError(f"loss {name!r} does not take {', '.join(unknown)}; its parameters: {accepted}")
-    options = {**_PARAMS[name], **params}
     counts = _checked_counts(class_counts)
-
-    if name == "ce":
-        return nn.CrossEntropyLoss()
-    if name == "weighted_ce":
-        return nn.CrossEntropyLoss(weight=inverse_frequency_weights(counts.tolist()))
-    if name == "focal":
-        alpha = options["alpha"]
-        if alpha is not None and len(alpha) != len(counts):
-            raise ConfigError(f"focal alpha has {len(alpha)} weights for {len(counts)} classes; give one per class")
-        return FocalLoss(gamma=options["gamma"], alpha=alpha)
-    weights = class_balanced_weights(counts.tolist(), beta=options["beta"])
-    if options["base"] == "ce":
-        return nn.CrossEntropyLoss(weight=weights)
-    if options["base"] == "focal":
-        return FocalLoss(gamma=options["gamma"], alpha=weights)
-    raise ConfigError(f"class_balanced base must be 'ce' or 'focal', got {options['base']!r}")
+    return build(counts, **{**defaults, **params})
 
 
 def balanced_sample_weights(labels: Sequence[int]) -> torch.Tensor:

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
-from blastscan.data.transforms import AugmentConfig, BatchAugment
 from blastscan.errors import TrainingError
+from blastscan.imaging.augment import AugmentConfig, BatchAugment
 from blastscan.models import create, freeze_backbone
 from blastscan.training.config import TrainConfig
 from blastscan.training.losses import make_loss
+from blastscan.training.schedulers import SCHEDULERS
 
 
 class CellClassifier(L.LightningModule):
@@ -117,14 +118,5 @@ class CellClassifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         optim = self.config.optim
         optimizer = torch.optim.Adam(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-        if optim.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.config.trainer.max_epochs)
-            return {"optimizer": optimizer, "lr_scheduler": scheduler}
-        if optim.scheduler == "plateau":
-            mode = "max" if self.config.trainer.monitor == "val_auroc" else "min"
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=2)
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": self.config.trainer.monitor},
-            }
-        return optimizer
+        trainer = self.config.trainer
+        return SCHEDULERS.get(optim.scheduler)(optimizer, max_epochs=trainer.max_epochs, monitor=trainer.monitor)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from blastscan.data.manifest import LEUKEMIC, NORMAL
-from blastscan.data.registry import DatasetReader, ReaderOptions, register
+from blastscan.data.registry import READERS, DatasetReader, ReaderOptions
 from blastscan.errors import DatasetError
 
 _NAME = re.compile(r"^Im(\d{3})_([01])\.(tif|tiff|jpg|jpeg)$", re.IGNORECASE)
@@ -38,7 +38,7 @@ def _row(path: Path, match: re.Match[str], dataset: str) -> dict[str, Any]:
     return {"path": path.name, "label": label, "patient_id": None, "dataset": dataset, "source_label": match.group(2)}
 
 
-@register
+@READERS.register("all-idb2")
 class AllIdb2Reader(DatasetReader):
     """ALL-IDB2: 260 single-cell crops `ImXXX_Y.tif`; Y says whether the centre cell is a blast."""
 
@@ -58,7 +58,7 @@ class AllIdb2Reader(DatasetReader):
         return rows
 
 
-@register
+@READERS.register("all-idb1")
 class AllIdb1Reader(DatasetReader):
     """ALL-IDB1: smear fields `im/ImXXX_Y.jpg` with blast centroids in `xyc/ImXXX_Y.xyc`."""
 

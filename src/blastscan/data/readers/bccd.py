@@ -11,13 +11,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from blastscan.data.registry import DatasetReader, ReaderOptions, register
+from blastscan.data.registry import READERS, DatasetReader, ReaderOptions
 from blastscan.errors import DatasetError
 
 UNLABELLED = "unlabelled"
 
 
-@register
+@READERS.register("bccd")
 class BccdReader(DatasetReader):
     """BCCD: JPEGImages/*.jpg + Annotations/*.xml (+ ImageSets/Main/{train,val,test}.txt)."""
 

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from blastscan.data.manifest import LEUKEMIC, NORMAL
-from blastscan.data.registry import DatasetReader, ReaderOptions, register
+from blastscan.data.registry import READERS, DatasetReader, ReaderOptions
 from blastscan.errors import DatasetError
 
 _ORIGINAL = re.compile(r"^UID_(H?\d+)_(\d+)_(\d+)_(all|hem)\.bmp$", re.IGNORECASE)
@@ -36,7 +36,7 @@ def _labels_csv_near(folder: Path) -> Path | None:
     return None
 
 
-@register
+@READERS.register("c-nmc")
 class CnmcReader(DatasetReader):
     """C-NMC 2019 training folds, or the renamed preliminary-test set with its labels CSV."""
 

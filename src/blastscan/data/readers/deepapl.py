@@ -14,7 +14,7 @@ import pandas as pd
 
 from blastscan.data.images import is_image_file
 from blastscan.data.manifest import LEUKEMIC, NORMAL
-from blastscan.data.registry import DatasetReader, ReaderOptions, register
+from blastscan.data.registry import READERS, DatasetReader, ReaderOptions
 from blastscan.errors import DatasetError
 
 EXCLUDE = "exclude"
@@ -48,7 +48,7 @@ _MASTER_COLUMNS = {
 }
 
 
-@register
+@READERS.register("deepapl")
 class DeepAplReader(DatasetReader):
     """DeepAPL: cells per patient and cell type, with the patient's AML/APL diagnosis."""
 

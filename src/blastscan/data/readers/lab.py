@@ -9,7 +9,7 @@ import pandas as pd
 
 from blastscan.data.images import is_image_file
 from blastscan.data.manifest import LEUKEMIC, NORMAL
-from blastscan.data.registry import DatasetReader, ReaderOptions, register
+from blastscan.data.registry import READERS, DatasetReader, ReaderOptions
 from blastscan.errors import DatasetError
 
 #: Class names labs commonly use, mapped onto the binary task; any other name is kept as it is.
@@ -40,7 +40,7 @@ def normalise_label(raw: object) -> str:
     return LABEL_SYNONYMS.get(text.lower(), text)
 
 
-@register
+@READERS.register("folder")
 class FolderReader(DatasetReader):
     """ROOT/<class>/*.png (or ROOT/<class>/<patient>/*.png): one folder per class."""
 
@@ -86,7 +86,7 @@ class FolderReader(DatasetReader):
         }
 
 
-@register
+@READERS.register("csv")
 class CsvReader(DatasetReader):
     """A CSV with columns path,label[,patient_id]; paths relative to the CSV's folder (or --csv-root)."""
 
