@@ -42,3 +42,25 @@ def deepapl_dir(real_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def bccd_dir(real_data: Path) -> Path:
     return real_data / "BCCD"
+
+
+@pytest.fixture(scope="session")
+def stain_run(allidb2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained for one epoch on real ALL-IDB2 cells at 48 px, with Reinhard stain normalisation."""
+    from blastscan.training.config import parse_config
+    from blastscan.workflows.train import train
+
+    workdir = tmp_path_factory.mktemp("stain_run")
+    tree = {
+        "name": "stain_run",
+        "runs_dir": str(workdir),
+        "data": {
+            "root": str(allidb2_dir),
+            "image_size": 48,
+            "cache_dir": str(workdir / "cache"),
+            "stain_normalization": "reinhard",
+        },
+        "model": {"name": "blastscan_cnn", "pretrained": None, "options": {"widths": [8, 16, 16, 32]}},
+        "trainer": {"max_epochs": 1, "batch_size": 32},
+    }
+    return train(parse_config(tree), progress_bar=False).run_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -12,8 +13,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from blastscan import __version__
 from blastscan.data.audit import AuditReport, audit, report_summary
@@ -39,6 +49,30 @@ def fail(exc: BlastscanError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a CLI command with the one error and logging policy every command shares: a library error is one
+    line on stderr and exit 2; Lightning's start-up chatter is hidden (its warnings still show)."""
+
+    def decorate(function: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(function)
+        def run(*args: object, **kwargs: object) -> None:
+            logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+            try:
+                function(*args, **kwargs)
+            except BlastscanError as exc:
+                raise fail(exc) from None
+
+        return group.command(name)(run)
+
+    return decorate
+
+
+#: `--device` on every command that runs a model.
+DeviceOption = Annotated[
+    str, typer.Option(help="Where the model runs: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.")
+]
+
+
 @contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """A Rich progress bar; yields the callback the library calls with the number of items done."""
@@ -54,13 +88,13 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
         yield lambda n: bar.advance(task, n)
 
 
-@app.command()
+@command(app)
 def version() -> None:
     """Print the blastscan version."""
     console.print(__version__)
 
 
-@app.command()
+@command(app)
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/demo"),
     data: Annotated[
@@ -70,19 +104,13 @@ def demo(
     epochs: Annotated[int | None, typer.Option(help="Cap the training epochs (default: the preset's).")] = None,
 ) -> None:
     """Run the whole pipeline on generated SYNTHETIC smear cells (or on --data) and write a run folder."""
-    from blastscan.demo import run_demo
+    from blastscan.workflows.demo import run_demo
 
     if data is None:
         console.print(
             "[bold yellow]SYNTHETIC DATA[/]: procedurally drawn cells, not patients; pass --data for real data"
         )
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    try:
-        result = run_demo(
-            out, data=data, seed=seed, epochs=epochs, stage=lambda text: console.print(f"[bold]>[/] {text}")
-        )
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    result = run_demo(out, data=data, seed=seed, epochs=epochs, stage=lambda text: console.print(f"[bold]>[/] {text}"))
     console.print(
         f"{result.images} images: " + ", ".join(f"{k}: {v}" for k, v in result.class_counts.items()), highlight=False
     )
@@ -115,7 +143,7 @@ def demo(
         console.print("[bold yellow]SYNTHETIC DATA[/]: these numbers describe cartoons, not patients")
 
 
-@app.command()
+@command(app)
 def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML (see configs/).")] = None,
     set_: Annotated[
@@ -130,12 +158,10 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Train a leukemic-vs-normal classifier and write a self-describing run folder."""
+    from blastscan.runs import RunFolder
     from blastscan.training.config import load_config
-    from blastscan.training.fit import load_run_config
-    from blastscan.training.fit import train as train_run
+    from blastscan.workflows.train import train as train_run
 
-    # Lightning's start-up chatter (accelerator lines, tips) hides our own summary; warnings still show.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     overrides = list(set_ or [])
     if devices is not None:
         overrides.append(f"trainer.devices={devices}")
@@ -143,27 +169,24 @@ def train(
         overrides.append(f"trainer.strategy={strategy}")
     if freeze_backbone is not None:
         overrides.append(f"model.freeze_backbone={str(freeze_backbone).lower()}")
-    try:
-        if resume is not None:
-            loaded = load_run_config(resume, overrides)
-        elif config is not None:
-            loaded = load_config(config, overrides)
-        else:
-            raise BlastscanError("pass --config configs/<name>.yaml, or --resume runs/<name>")
-        result = train_run(loaded, resume=resume is not None, progress_bar=progress)
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    if resume is not None:
+        loaded = RunFolder(resume).config(overrides)
+    elif config is not None:
+        loaded = load_config(config, overrides)
+    else:
+        raise BlastscanError("pass --config configs/<name>.yaml, or --resume runs/<name>")
+    result = train_run(loaded, resume=resume is not None, progress_bar=progress)
     best = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
     stop = "stopped early" if result.stopped_early else "ran all epochs"
     console.print(
         f"run {result.run_dir}: {result.epochs} epochs ({stop}) on {result.world_size} process(es); "
         f"best {result.monitor} {best} "
-        f"at epoch {result.best_epoch}; weights in {result.run_dir / 'best.safetensors'}",
+        f"at epoch {result.best_epoch}; weights in {RunFolder(result.run_dir).weights_path}",
         highlight=False,
     )
 
 
-@app.command()
+@command(app)
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
     data: Annotated[
@@ -172,15 +195,27 @@ def evaluate(
     split: Annotated[str, typer.Option(help="The run's own split to score when --data is not given.")] = "test",
     tta: Annotated[bool, typer.Option(help="Also score with test-time augmentation (8 flips/rotations).")] = False,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    explain_images: Annotated[
+        int, typer.Option(help="Images sampled for the CAM localisation figure (0: no Grad-CAM at all).")
+    ] = 200,
+    device: DeviceOption = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
 ) -> None:
     """Score a trained run: metrics with 95% CIs, calibration, patient level, figures and an HTML report."""
-    from blastscan.evaluation.evaluate import evaluate_run
+    from blastscan.workflows.evaluate import evaluate_run
 
-    try:
-        with console.status("scoring"):
-            result = evaluate_run(run, data=data, split=split, tta=tta, n_boot=bootstrap)
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    with console.status("scoring"):
+        result = evaluate_run(
+            run,
+            data=data,
+            split=split,
+            tta=tta,
+            n_boot=bootstrap,
+            explain=explain_images > 0,
+            explain_images=explain_images,
+            device=device,
+            batch_size=batch_size,
+        )
     print_metrics(result.metrics, title=f"{run.name} on {result.dataset} ({result.split})")
     if result.tta_metrics:
         print_metrics(result.tta_metrics, title="with test-time augmentation")
@@ -193,7 +228,7 @@ def print_metrics(metrics: dict, title: str) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI", justify="right")
-    from blastscan.evaluation.experiments import KEY_METRICS
+    from blastscan.workflows.experiments import KEY_METRICS
 
     for key in KEY_METRICS:
         value = metrics.get(key)
@@ -208,27 +243,25 @@ def print_metrics(metrics: dict, title: str) -> None:
     console.print(extra, highlight=False)
 
 
-@app.command()
+@command(app)
 def crossval(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")],
     folds: Annotated[int, typer.Option(help="Number of grouped folds.")] = 5,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples per fold.")] = 1000,
+    device: DeviceOption = "auto",
 ) -> None:
     """K-fold grouped cross-validation; a mean +- sd table and a box plot (re-running reuses finished folds)."""
-    from blastscan.evaluation.experiments import crossval as run_crossval
     from blastscan.training.config import load_config
+    from blastscan.workflows.experiments import crossval as run_crossval
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    try:
-        result = run_crossval(
-            load_config(config, list(set_ or [])),
-            folds=folds,
-            n_boot=bootstrap,
-            log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
-        )
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    result = run_crossval(
+        load_config(config, list(set_ or [])),
+        folds=folds,
+        n_boot=bootstrap,
+        log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        device=device,
+    )
     table = Table(title=f"{folds}-fold cross-validation")
     for column in ("metric", "mean", "sd"):
         table.add_column(column, justify="left" if column == "metric" else "right")
@@ -238,7 +271,7 @@ def crossval(
     console.print(f"wrote {result.out_dir} (crossval.md, crossval_folds.csv, crossval_boxplot.png)", highlight=False)
 
 
-@app.command()
+@command(app)
 def transfer(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML (model, training).")],
     train_on: Annotated[list[str], typer.Option("--train", help="Dataset to train on (repeatable).")],
@@ -248,41 +281,36 @@ def transfer(
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples per evaluation.")] = 1000,
+    device: DeviceOption = "auto",
 ) -> None:
     """Train on one dataset, test on others: an AUROC / F1 matrix per stain-handling variant."""
-    from blastscan.evaluation.experiments import transfer as run_transfer
     from blastscan.training.config import load_config
+    from blastscan.workflows.experiments import transfer as run_transfer
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    try:
-        result = run_transfer(
-            load_config(config, list(set_ or [])),
-            train_on,
-            test_on,
-            variants=variant or ["plain"],
-            n_boot=bootstrap,
-            log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
-        )
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    result = run_transfer(
+        load_config(config, list(set_ or [])),
+        train_on,
+        test_on,
+        variants=variant or ["plain"],
+        n_boot=bootstrap,
+        log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        device=device,
+    )
     console.print((result.out_dir / "transfer.md").read_text(), highlight=False)
     console.print(f"wrote {result.out_dir} (transfer.md, transfer.csv, heatmaps)", highlight=False)
 
 
-@app.command()
+@command(app)
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders with evaluations.")],
     evaluation: Annotated[str | None, typer.Option(help="Only this eval folder, e.g. deepapl-test.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the table here (.md and .csv beside it).")] = None,
 ) -> None:
     """One table of the key metrics with 95% CIs across runs."""
-    from blastscan.evaluation.experiments import compare as run_compare
-    from blastscan.evaluation.experiments import comparison_markdown
+    from blastscan.workflows.experiments import compare as run_compare
+    from blastscan.workflows.experiments import comparison_markdown
 
-    try:
-        table = run_compare(runs, evaluation)
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    table = run_compare(runs, evaluation)
     markdown = comparison_markdown(table)
     console.print(markdown, highlight=False)
     if out is not None:
@@ -292,7 +320,7 @@ def compare(
         console.print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}", highlight=False)
 
 
-@app.command()
+@command(app)
 def baselines(
     data: Annotated[Path, typer.Option(help="Manifest CSV (from `blastscan data scan` or a run folder).")],
     splits: Annotated[Path, typer.Option(help="Split CSV with train/val/test (e.g. runs/<name>/splits.csv).")],
@@ -300,46 +328,45 @@ def baselines(
     cnn: Annotated[Path | None, typer.Option(help="A trained run: adds the CNN and its embeddings (hybrid).")] = None,
     image_size: Annotated[int, typer.Option(help="Working resolution of the features.")] = 128,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    device: DeviceOption = "auto",
 ) -> None:
     """Classical ML (SVM, RF, KNN, LR on handcrafted features) vs CNN vs hybrid CNN-features + classifiers."""
-    from blastscan.baselines.compare import run_baselines
+    from blastscan.workflows.baselines import run_baselines
 
-    try:
-        result = run_baselines(
-            data,
-            splits,
-            out,
-            cnn_run=cnn,
-            image_size=image_size,
-            n_boot=bootstrap,
-            log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
-        )
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    result = run_baselines(
+        data,
+        splits,
+        out,
+        cnn_run=cnn,
+        image_size=image_size,
+        n_boot=bootstrap,
+        log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        device=device,
+    )
     console.print(result.markdown.read_text(), highlight=False)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
     console.print(f"wrote {result.out_dir} (baselines.md, baselines.csv, baselines_bar.png, segmentation.png)")
 
 
-@app.command()
+@command(app)
 def explain(
     run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
     images: Annotated[list[Path], typer.Argument(help="Images to explain.")],
     method: Annotated[str, typer.Option(help="gradcam, gradcam++, scorecam or eigencam.")] = "gradcam",
     out: Annotated[Path, typer.Option(help="Folder for the overlays.")] = Path("explanations"),
     feature_maps: Annotated[bool, typer.Option(help="Also write early/middle/late activation-map grids.")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Per image: the original, the class-activation overlay for 'leukemic', and the predicted probability."""
     from blastscan.explain.cam import explain_images, feature_map_grid
+    from blastscan.inference import Predictor
 
-    try:
-        records = explain_images(run, images, out, method=method)
-        grids = []
-        if feature_maps:
-            grids = [feature_map_grid(run, image, out / f"{image.stem}_feature_maps.png") for image in images]
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    predictor = Predictor.from_run(run, device=device)
+    records = explain_images(predictor, images, out, method=method)
+    grids = []
+    if feature_maps:
+        grids = [feature_map_grid(predictor, image, out / f"{image.stem}_feature_maps.png") for image in images]
     for record in records:
         console.print(f"{record.image}: p(leukemic) = {record.probability:.3f} -> {record.overlay}", highlight=False)
     for grid in grids:
@@ -347,31 +374,80 @@ def explain(
     console.print(f"wrote {out} (explanations.csv)", highlight=False)
 
 
-@app.command("audit-shortcuts")
+class RateColumn(ProgressColumn):
+    """Images per second of a Rich progress task."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.1f} img/s", style="progress.data.speed")
+
+
+@command(app)
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Image files, folders (recursive), globs, lab CSVs or manifests, in any mix.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.")] = Path("predictions.csv"),
+    device: DeviceOption = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    tta: Annotated[bool, typer.Option(help="Average the 8 flips/rotations of each image.")] = False,
+    workers: Annotated[int, typer.Option(help="Image-decoding threads.")] = 2,
+) -> None:
+    """Score images with a trained run: path, probability and call (at the run's validation-chosen threshold)."""
+    from blastscan.workflows.predict import count_sources
+    from blastscan.workflows.predict import predict as run_predict
+
+    total = count_sources(inputs)
+    with Progress(
+        TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("scoring", total=total)
+        result = run_predict(
+            run, inputs, out, device=device, batch_size=batch_size, tta=tta, workers=workers,
+            progress=lambda n: bar.advance(task, n),
+        )  # fmt: skip
+    for path, reason in result.failures[:20]:
+        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
+    if result.failures:
+        more = f" ({len(result.failures) - 20} more)" if len(result.failures) > 20 else ""
+        err_console.print(
+            f"[bold yellow]warning:[/] {len(result.failures)} unreadable image(s) skipped{more}; "
+            f"listed in {result.skipped_file}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"wrote {result.out}: {result.scored} images, {result.positive} called positive at threshold "
+        f"{result.threshold:.4f} (chosen on the run's validation split); {result.images_per_second:.1f} img/s",
+        highlight=False,
+    )
+
+
+@command(app, "audit-shortcuts")
 def audit_shortcuts(
     run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
     split: Annotated[str, typer.Option(help="The run's split to audit.")] = "test",
     out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/eval/shortcuts-SPLIT).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    device: DeviceOption = "auto",
 ) -> None:
     """Re-score with the cell removed and with the background removed, and fit a background-only probe."""
-    from blastscan.explain.shortcuts import shortcut_audit
+    from blastscan.workflows.shortcuts import shortcut_audit
 
-    try:
-        report = shortcut_audit(
-            run,
-            split=split,
-            out_dir=out,
-            n_boot=bootstrap,
-            log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
-        )
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    report = shortcut_audit(
+        run,
+        split=split,
+        out_dir=out,
+        n_boot=bootstrap,
+        log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        device=device,
+    )
     console.print(report.files["markdown"].read_text(), highlight=False)
     console.print(f"wrote {report.files['markdown'].parent}", highlight=False)
 
 
-@data_app.command("scan")
+@command(data_app, "scan")
 def data_scan(
     root: Annotated[Path, typer.Argument(help="Dataset folder (or a lab CSV file).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
@@ -386,14 +462,12 @@ def data_scan(
     """Read a dataset folder into a manifest (one row per image), checking that every image decodes."""
     try:
         mapping = json.loads(cell_types.read_text()) if cell_types else None
-        options = ReaderOptions(cell_type_labels=mapping, labels_csv=labels_csv, csv_root=csv_root)
-        with progress_bar("decoding images", total=None) as advance:
-            result = scan(root, format=str(format.value), options=options, skip_bad=skip_bad, progress=advance)
-        write_manifest(result.manifest, out)
-    except BlastscanError as exc:
-        raise fail(exc) from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise fail(BlastscanError(f"{cell_types}: cannot read the cell-type mapping ({exc})")) from None
+        raise BlastscanError(f"{cell_types}: cannot read the cell-type mapping ({exc})") from None
+    options = ReaderOptions(cell_type_labels=mapping, labels_csv=labels_csv, csv_root=csv_root)
+    with progress_bar("decoding images", total=None) as advance:
+        result = scan(root, format=str(format.value), options=options, skip_bad=skip_bad, progress=advance)
+    write_manifest(result.manifest, out)
     how = "recognised as" if result.auto_detected else "read as"
     console.print(f"{root}: {how} [bold]{result.reader}[/] ({result.manifest.root})")
     for bad in result.bad_files:
@@ -405,7 +479,7 @@ def data_scan(
     console.print(f"wrote {out}: {len(result.manifest)} images ({counts}); patients: {patients}")
 
 
-@data_app.command("split")
+@command(data_app, "split")
 def data_split(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV from `blastscan data scan`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Split CSV to write.")] = Path("splits.csv"),
@@ -417,13 +491,10 @@ def data_split(
     root: Annotated[Path | None, typer.Option(help="Dataset root, if it moved since the scan.")] = None,
 ) -> None:
     """Stratified split grouped by patient (or by duplicate cluster when patients are unknown)."""
-    try:
-        loaded = read_manifest(manifest, root=root)
-        with console.status("grouping and splitting"):
-            result = make_split(loaded, train=train, val=val, test=test, seed=seed, folds=folds)
-        write_splits(result, out)
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    loaded = read_manifest(manifest, root=root)
+    with console.status("grouping and splitting"):
+        result = make_split(loaded, train=train, val=val, test=test, seed=seed, folds=folds)
+    write_splits(result, out)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     table = Table(title=f"{result.level}-level split, seed {seed} ({result.metadata['groups']} groups)")
@@ -437,7 +508,7 @@ def data_split(
     console.print(f"wrote {out}")
 
 
-@data_app.command("audit")
+@command(data_app, "audit")
 def data_audit(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV from `blastscan data scan`.")],
     splits: Annotated[Path | None, typer.Option(help="Split CSV to check for leaks.")] = None,
@@ -446,13 +517,10 @@ def data_audit(
     root: Annotated[Path | None, typer.Option(help="Dataset root, if it moved since the scan.")] = None,
 ) -> None:
     """Unreadable files, duplicates, class balance and split leakage; exits 1 when the split leaks."""
-    try:
-        loaded = read_manifest(manifest, root=root)
-        split_result = read_splits(splits, loaded) if splits else None
-        with progress_bar("fingerprinting images", total=len(loaded)) as advance:
-            report = audit(loaded, split_result, near_threshold=near_threshold, progress=advance)
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    loaded = read_manifest(manifest, root=root)
+    split_result = read_splits(splits, loaded) if splits else None
+    with progress_bar("fingerprinting images", total=len(loaded)) as advance:
+        report = audit(loaded, split_result, near_threshold=near_threshold, progress=advance)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(report.model_dump_json(indent=2))
@@ -464,7 +532,7 @@ def data_audit(
         raise typer.Exit(code=1)
 
 
-@data_app.command("cache")
+@command(data_app, "cache")
 def data_cache(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV from `blastscan data scan`.")],
     size: Annotated[int, typer.Option(help="Side of the square training resolution, in pixels.")] = 224,
@@ -475,13 +543,10 @@ def data_cache(
     """Decode and resize every image once into the memory-mapped cache that training reads."""
     from blastscan.data.cache import ImageCache
 
-    try:
-        loaded = read_manifest(manifest, root=root)
-        cache = ImageCache(loaded, size=size, cache_dir=cache_dir)
-        with progress_bar("decoding into the cache", total=len(loaded)) as advance:
-            stats = cache.build(workers=workers, progress=advance)
-    except BlastscanError as exc:
-        raise fail(exc) from None
+    loaded = read_manifest(manifest, root=root)
+    cache = ImageCache(loaded, size=size, cache_dir=cache_dir)
+    with progress_bar("decoding into the cache", total=len(loaded)) as advance:
+        stats = cache.build(workers=workers, progress=advance)
     console.print(
         f"cache {cache.path}: {stats.decoded} decoded, {stats.reused} reused, {stats.seconds:.1f}s", highlight=False
     )

@@ -12,7 +12,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.pipeline import Pipeline
 
 from blastscan.baselines.classifiers import grouped_folds, make_classifiers, positive_scores, tune
-from blastscan.baselines.compare import CNN_MODEL, METRICS, run_baselines
 from blastscan.baselines.embeddings import CnnEmbeddings
 from blastscan.data.cache import ImageCache
 from blastscan.data.manifest import read_manifest, write_manifest
@@ -21,7 +20,8 @@ from blastscan.data.splits import make_split, read_splits, write_splits
 from blastscan.data.synthetic import generate_dataset
 from blastscan.errors import ConfigError
 from blastscan.training.config import parse_config
-from blastscan.training.fit import train
+from blastscan.workflows.baselines import CNN_MODEL, METRICS, run_baselines
+from blastscan.workflows.train import train
 from training.conftest import fast_config
 
 CLASSIFIERS = ("svm_rbf", "random_forest", "knn", "logistic_regression")

@@ -22,13 +22,13 @@ from blastscan.baselines.features import (
     SegmentationWarning,
     TextureFeatures,
 )
-from blastscan.baselines.segmentation import (
+from blastscan.data.images import load_rgb, resize_rgb
+from blastscan.imaging.segmentation import (
     WORKING_SIZE,
     save_segmentation_figure,
     segment_cell,
     segmentation_gallery,
 )
-from blastscan.data.images import load_rgb, resize_rgb
 
 EXTRACTORS = [MorphologyFeatures, ColourFeatures, TextureFeatures, HandcraftedFeatures]
 DEEPAPL_TYPES = ("Blast, no lineage spec", "Lymphocyte", "Segmented neutrophils", "Monocyte")

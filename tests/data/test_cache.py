@@ -257,7 +257,7 @@ def test_a_killed_build_never_leaves_a_bad_row_marked_valid(dataset: Manifest, c
     target = dataset.root / "b.jpg"
     _write_image(target, 50, 50, "RGB", seed=42)
     os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 1_000_000_000))
-    _build_in_a_child_that_gets_killed(dataset, cache_dir, "cache_module.load_rgb = lambda *a, **k: os._exit(9)")
+    _build_in_a_child_that_gets_killed(dataset, cache_dir, "cache_module.load_resized = lambda *a, **k: os._exit(9)")
     marked = _rows_marked_valid(cache)
     assert marked == [i for i, name in enumerate(IMAGES) if name != "b.jpg"]
     assert cache.build().decoded == 1

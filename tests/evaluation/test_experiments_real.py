@@ -14,10 +14,10 @@ import pytest
 
 from blastscan.data.manifest import Manifest, write_manifest
 from blastscan.data.scan import scan
-from blastscan.evaluation.evaluate import evaluate_run
-from blastscan.evaluation.experiments import compare, comparison_markdown, crossval, transfer
 from blastscan.training.config import parse_config
-from blastscan.training.fit import train
+from blastscan.workflows.evaluate import evaluate_run
+from blastscan.workflows.experiments import compare, comparison_markdown, crossval, transfer
+from blastscan.workflows.train import train
 
 METRIC_KEYS = (
     "accuracy", "precision", "recall", "specificity", "f1", "f1_weighted", "roc_auc", "pr_auc",

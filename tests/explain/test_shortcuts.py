@@ -11,9 +11,10 @@ import pytest
 from blastscan.data.images import load_rgb, resize_rgb
 from blastscan.data.manifest import read_manifest
 from blastscan.explain.localisation import cam_energy_in_mask, localisation_summary
-from blastscan.explain.shortcuts import CONDITIONS, PROBE, cell_mask, remove_background, remove_cell, shortcut_audit
+from blastscan.explain.shortcuts import CONDITIONS, PROBE, cell_mask, remove_background, remove_cell
 from blastscan.training.config import parse_config
-from blastscan.training.fit import train
+from blastscan.workflows.shortcuts import shortcut_audit
+from blastscan.workflows.train import train
 
 
 def _quadrant_mask() -> np.ndarray:

@@ -33,9 +33,7 @@ def _numbers(value: Any, prefix: str = "") -> dict[str, float]:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             found.update(_numbers(item, f"{prefix}{index}."))
-    elif isinstance(value, bool):
-        found[prefix[:-1]] = float(value)
-    elif isinstance(value, int | float):
+    elif isinstance(value, bool | int | float):
         found[prefix[:-1]] = float(value)
     return found
 

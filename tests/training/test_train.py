@@ -17,7 +17,7 @@ from blastscan.data.scan import scan
 from blastscan.errors import ConfigError, TrainingError
 from blastscan.models import create
 from blastscan.training.config import parse_config
-from blastscan.training.fit import train
+from blastscan.workflows.train import train
 from training.conftest import fast_config
 
 RUN_FILES = (
@@ -57,7 +57,7 @@ KILL_SCRIPT = textwrap.dedent(
     import json, os, signal, sys
     from lightning.pytorch.callbacks import Callback
     from blastscan.training.config import parse_config
-    from blastscan.training.fit import train
+    from blastscan.workflows.train import train
 
     class KillAt(Callback):
         def __init__(self, step):

@@ -9,7 +9,6 @@ run was trained with.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin
-from torch import nn
 
 from blastscan.errors import ConfigError
+from blastscan.inference import InputSpec, Predictor
+from blastscan.models import create, preprocessing_for
+from blastscan.runs import RunFolder
 
 
 def _check_images(X: Any) -> np.ndarray:
@@ -48,12 +49,14 @@ class CnnEmbeddings(BaseEstimator, TransformerMixin):
         pretrained: str | None = "package",
         image_size: int = 128,
         batch_size: int = 64,
+        device: str = "auto",
     ) -> None:
         self.run_dir = run_dir
         self.backbone = backbone
         self.pretrained = pretrained
         self.image_size = image_size
         self.batch_size = batch_size
+        self.device = device
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -64,18 +67,14 @@ class CnnEmbeddings(BaseEstimator, TransformerMixin):
         """Nothing to learn; returns self."""
         return self
 
-    @torch.inference_mode()
     def transform(self, X: Any) -> np.ndarray:
         """(N, D) float32 pooled features of the images X, computed in batches of `batch_size`."""
         images = _check_images(X)
-        network = self._network()
-        size, stain = network["size"], network["stain"]
-        model, mean, std = network["model"], network["mean"], network["std"]
-        if int(self.batch_size) < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        predictor = self._predictor()
+        size, stain = predictor.image_size, predictor.stain
         outputs = []
-        for start in range(0, len(images), int(self.batch_size)):
-            batch = torch.from_numpy(np.array(images[start : start + int(self.batch_size)]))  # a writable copy
+        for start in range(0, len(images), predictor.batch_size):
+            batch = torch.from_numpy(np.array(images[start : start + predictor.batch_size]))  # a writable copy
             x = batch.permute(0, 3, 1, 2).float()
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -84,73 +83,54 @@ class CnnEmbeddings(BaseEstimator, TransformerMixin):
             if stain is not None:
                 rows = x.permute(0, 2, 3, 1).to(torch.uint8).numpy()
                 x = torch.from_numpy(np.stack([stain.normalize(row) for row in rows])).permute(0, 3, 1, 2).float()
-            x = (x / 255.0 - mean) / std
-            features = model.forward_head(model.forward_features(x), pre_logits=True)
-            outputs.append(features.flatten(1).float().numpy())
+            outputs.append(predictor.embed_prepared(x.permute(0, 2, 3, 1)))
         if not outputs:
-            return np.zeros((0, self._n_features(model)), dtype=np.float32)
+            return predictor.embed_prepared(np.zeros((0, size, size, 3), dtype=np.uint8))
         return np.concatenate(outputs)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """`cnn0`, `cnn1`, ... one per embedding dimension."""
-        return np.array([f"cnn{i}" for i in range(self._n_features(self._network()["model"]))], dtype=object)
+        return np.array([f"cnn{i}" for i in range(int(self._predictor().model.num_features))], dtype=object)
 
     # -- the network, loaded once per instance and never part of the parameters or the pickle ---------------
 
-    def _network(self) -> dict[str, Any]:
-        key = (str(self.run_dir) if self.run_dir is not None else None, self.backbone, self.pretrained, self.image_size)
+    def _predictor(self) -> Predictor:
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        key = (
+            str(self.run_dir) if self.run_dir is not None else None,
+            self.backbone,
+            self.pretrained,
+            self.image_size,
+            self.batch_size,
+            self.device,
+        )
         cached = self.__dict__.get("_loaded")
         if cached is not None and cached[0] == key:
             return cached[1]
-        network = self._load_run() if self.run_dir is not None else self._load_backbone()
-        self.__dict__["_loaded"] = (key, network)
-        return network
+        if self.run_dir is not None:
+            predictor = Predictor.from_run(self.run_dir, device=self.device, batch_size=int(self.batch_size))
+        else:
+            predictor = self._backbone_predictor()
+        self.__dict__["_loaded"] = (key, predictor)
+        return predictor
 
-    def _load_run(self) -> dict[str, Any]:
-        from blastscan.data.stain import stain_method_from_dict
-        from blastscan.evaluation.predict import load_run_model
-
-        run_model = load_run_model(self.run_dir)
-        stain = stain_method_from_dict(run_model.stain_state) if run_model.stain_state is not None else None
-        card = run_model.card
-        return self._prepared(run_model.model, run_model.image_size, card["mean"], card["std"], stain)
-
-    def _load_backbone(self) -> dict[str, Any]:
-        from blastscan.models import create, preprocessing_for
-
+    def _backbone_predictor(self) -> Predictor:
         if int(self.image_size) < 1:
             raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
         model = create(self.backbone, pretrained=self.pretrained, num_classes=0)
         pre = preprocessing_for(self.backbone, self.pretrained)
-        return self._prepared(model, int(self.image_size), pre["mean"], pre["std"], None)
-
-    @staticmethod
-    def _prepared(model: nn.Module, size: int, mean: Any, std: Any, stain: Any) -> dict[str, Any]:
-        for method in ("forward_features", "forward_head"):
-            if not callable(getattr(model, method, None)):
-                raise ConfigError(f"{type(model).__name__} has no {method}(); pooled features cannot be read from it")
-        model.eval()
-        return {
-            "model": model,
-            "size": int(size),
-            "mean": torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
-            "std": torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
-            "stain": stain,
-        }
-
-    @staticmethod
-    def _n_features(model: nn.Module) -> int:
-        return int(model.num_features)
+        spec = InputSpec(int(self.image_size), tuple(pre["mean"]), tuple(pre["std"]))
+        return Predictor(model, spec, device=self.device, batch_size=int(self.batch_size))
 
     def describe(self) -> dict[str, Any]:
         """What produces the features (JSON-ready): the run and its weights file's fingerprint, or the backbone."""
         if self.run_dir is not None:
-            run = Path(self.run_dir)
-            weights = run / "best.safetensors"
-            stat = weights.stat() if weights.is_file() else None
-            card = json.loads((run / "model.json").read_text()) if (run / "model.json").is_file() else {}
+            run = RunFolder(self.run_dir)
+            stat = run.weights_path.stat() if run.weights_path.is_file() else None
+            card = run.model_card() if run.model_card_path.is_file() else {}
             return {
-                "run": str(run.resolve()),
+                "run": str(run.path.resolve()),
                 "weights": [stat.st_size, stat.st_mtime_ns] if stat else None,
                 "card": card,
             }

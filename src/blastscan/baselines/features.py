@@ -31,8 +31,8 @@ from skimage.measure import regionprops
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from blastscan.baselines.segmentation import WORKING_SIZE, CellSegmentation, segment_cell
 from blastscan.data.images import resize_rgb
+from blastscan.imaging.segmentation import WORKING_SIZE, CellSegmentation, segment_cell
 
 __all__ = [
     "COLOUR_FEATURES",

@@ -33,7 +33,7 @@ import PIL
 from numpy.lib import format as npformat
 from numpy.lib.format import open_memmap
 
-from blastscan.data.images import load_rgb, resize_rgb
+from blastscan.data.images import load_resized
 from blastscan.data.manifest import Manifest
 from blastscan.errors import DatasetError
 
@@ -252,7 +252,7 @@ class ImageCache:
 
         def decode(i: int) -> None:
             # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
-            row = resize_rgb(load_rgb(self.sources[i], min_side=size), size)
+            row = load_resized(self.sources[i], size)
             data[i] = self.transform(row) if self.transform is not None else row
 
         def checkpoint() -> None:

@@ -86,3 +86,8 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
         return image
     resized = Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return np.asarray(resized, dtype=np.uint8)
+
+
+def load_resized(path: str | Path, size: int) -> np.ndarray:
+    """`path` decoded and resized to (size, size, 3) uint8: what the image cache stores and what a model is fed."""
+    return resize_rgb(load_rgb(path, min_side=size), size)

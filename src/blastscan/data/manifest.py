@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from blastscan.errors import DatasetError
+from blastscan.errors import ConfigError, DatasetError, TrainingError
 
 MANIFEST_MAGIC = "# blastscan-manifest "
 MANIFEST_VERSION = 1
@@ -148,3 +149,19 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     if not root.is_dir():
         raise DatasetError(f"{root}: the dataset root given for {path} is not a folder")
     return Manifest(table=table, root=root, format=str(meta.get("format", "unknown")), metadata=meta)
+
+
+def class_targets(manifest: Manifest, positive_label: str) -> np.ndarray:
+    """1 where the label is `positive_label`, else 0; refuses a manifest without that label or with one class."""
+    labels = manifest.table["label"].astype(str)
+    present = sorted(set(labels))
+    if positive_label not in present:
+        raise ConfigError(f"data.positive_label: {positive_label!r} is not a label of this dataset ({present})")
+    if len(present) < 2:
+        raise TrainingError(f"the dataset has only the label {positive_label!r}; a classifier needs two classes")
+    return (labels == positive_label).to_numpy().astype(np.int64)
+
+
+def patient_ids(manifest: Manifest) -> np.ndarray | None:
+    """Each row's patient ID as a string array, or None when the manifest records no patients."""
+    return manifest.table["patient_id"].astype(str).to_numpy() if manifest.has_patients else None

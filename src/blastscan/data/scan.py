@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from blastscan.data.images import inspect_image
-from blastscan.data.manifest import Manifest, order_columns
+from blastscan.data.manifest import MANIFEST_MAGIC, Manifest, order_columns, read_manifest
 from blastscan.data.parallel import threaded_map
 from blastscan.data.registry import ReaderOptions, detect_format, get_reader
 from blastscan.errors import DatasetError
@@ -108,3 +108,19 @@ def scan(
     return ScanResult(
         manifest=manifest, reader=reader.name, auto_detected=format == "auto", bad_files=bad, notes=result_notes
     )
+
+
+def is_manifest(path: Path) -> bool:
+    """Whether `path` is a manifest CSV written by `blastscan data scan` (it starts with the manifest's magic line)."""
+    if not path.is_file() or path.suffix.lower() != ".csv":
+        return False
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        return fh.readline().startswith(MANIFEST_MAGIC)
+
+
+def load_or_scan(root: str | Path, format: str = "auto") -> Manifest:
+    """The manifest at `root` if it is one, otherwise the manifest of scanning the dataset (folder or lab CSV) there."""
+    root = Path(root)
+    if is_manifest(root):
+        return read_manifest(root)
+    return scan(root, format=format).manifest

@@ -1,7 +1,7 @@
 """How much of a class-activation map falls on the cell: a number for "does the model look at the leukocyte?".
 
 CAMs come in as plain arrays (e.g. from `blastscan.explain.cam.compute_cams`), masks as boolean arrays (e.g.
-`blastscan.baselines.segmentation.segment_cell(...).cell`), so the measure works for any CAM method.
+`blastscan.imaging.segmentation.segment_cell(...).cell`), so the measure works for any CAM method.
 """
 
 from __future__ import annotations

@@ -6,43 +6,28 @@ regression on colour and texture statistics of the background pixels, is trained
 background alone predicts the label well, the dataset carries a shortcut (slide, stain batch, illumination) that a
 CNN can learn instead of the morphology.
 
-Cells are found by `blastscan.baselines.segmentation.segment_cell` on a 128-px copy of each source image; the cell
+Cells are found by `blastscan.imaging.segmentation.segment_cell` on a 128-px copy of each source image; the cell
 mask is dilated by `DILATE_PX` (so the cell's halo goes with it) and resized to the model's input size. Images that
 cannot be segmented are kept unmasked in every view and counted in the report.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import yaml
 from matplotlib.figure import Figure
 from scipy import ndimage as ndi
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
-from blastscan.baselines.segmentation import WORKING_SIZE, segment_cell
 from blastscan.data.images import load_rgb, resize_rgb
-from blastscan.data.manifest import Manifest, read_manifest
+from blastscan.data.manifest import Manifest
 from blastscan.data.parallel import threaded_map
-from blastscan.data.splits import read_splits
-from blastscan.errors import ConfigError
 from blastscan.evaluation import figures
-from blastscan.evaluation.evaluate import jsonable
-from blastscan.evaluation.metrics import metrics_with_ci, threshold_for_specificity, youden_threshold
-from blastscan.evaluation.predict import RunModel, cache_for, load_run_model, predict_logits, probabilities
 from blastscan.explain.localisation import resize_mask
-from blastscan.training.config import parse_config
-from blastscan.training.prepare import class_targets
+from blastscan.imaging.segmentation import WORKING_SIZE, segment_cell
 
 __all__ = [
     "CONDITIONS",
@@ -50,9 +35,10 @@ __all__ = [
     "ShortcutReport",
     "background_features",
     "cell_mask",
+    "example_rows",
     "remove_background",
     "remove_cell",
-    "shortcut_audit",
+    "segment_rows",
 ]
 
 #: The three views of the images that the run's model is scored on.
@@ -126,7 +112,7 @@ def cell_mask(image: np.ndarray, size: int) -> tuple[np.ndarray, bool]:
     return resize_mask(grown, (size, size)), True
 
 
-def _background_colour(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+def background_colour(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     background = image[~mask]
     return np.median(background, axis=0) if len(background) else None
 
@@ -136,7 +122,7 @@ def remove_cell(image: np.ndarray, mask: np.ndarray, fallback: np.ndarray | None
 
     An empty mask leaves the image unchanged; a mask covering everything uses `fallback` (or grey).
     """
-    colour = _background_colour(image, mask)
+    colour = background_colour(image, mask)
     if colour is None:
         colour = fallback if fallback is not None else np.full(3, 128.0)
     out = image.copy()
@@ -170,13 +156,13 @@ def background_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Segmented:
+class Segmented:
     masks: np.ndarray  # (N, S, S) bool, dilated, at the model's input size
     ok: np.ndarray  # (N,) bool
     features: np.ndarray  # (N, F) background features at 128 px
 
 
-def _segment_rows(manifest: Manifest, rows: np.ndarray, size: int, workers: int) -> _Segmented:
+def segment_rows(manifest: Manifest, rows: np.ndarray, size: int, workers: int) -> Segmented:
     paths = manifest.absolute_paths()
 
     def one(row: int) -> tuple[np.ndarray, bool, np.ndarray]:
@@ -185,169 +171,14 @@ def _segment_rows(manifest: Manifest, rows: np.ndarray, size: int, workers: int)
         return resize_mask(mask, (size, size)), ok, background_features(working, mask)
 
     done = threaded_map(one, [int(r) for r in rows], workers=workers)
-    return _Segmented(
+    return Segmented(
         masks=np.stack([d[0] for d in done]) if done else np.zeros((0, size, size), dtype=bool),
         ok=np.array([d[1] for d in done], dtype=bool),
         features=np.stack([d[2] for d in done]) if done else np.zeros((0, 0)),
     )
 
 
-# ------------------------------------------------------------------------------------------------- scoring
-
-
-@torch.inference_mode()
-def _logits(run_model: RunModel, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """(N, 2) logits of (N, S, S, 3) uint8 images, normalised as the run's model expects."""
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
-        outputs.append(run_model.model(run_model.normalize(batch, train=False)).float().cpu().numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0, 2), dtype=np.float32)
-
-
-def shortcut_audit(
-    run_dir: str | Path,
-    split: str = "test",
-    out_dir: str | Path | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    probe_c: float = 1.0,
-    n_examples: int = 4,
-    workers: int = 4,
-    log: Callable[[str], None] | None = None,
-) -> ShortcutReport:
-    """Score `run_dir`'s model on its `split` as is, with the cell removed and with the background removed, and a
-    background-only probe trained on the train split; write shortcuts.json, shortcuts.md, shortcuts.png and
-    shortcut_examples.png to `out_dir` (default `run_dir/eval/shortcuts-<split>`).
-
-    Thresholds (Youden and 95% specificity) come from the validation split: the model's on the original validation
-    images, the probe's on its validation scores. Intervals are bootstraps over patients when known, else images.
-    `probe_c` is the probe's inverse L2 strength; `log` receives progress lines.
-    """
-    started = time.perf_counter()
-    say = log or (lambda _message: None)
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    config = parse_config(yaml.safe_load(config_path.read_text()), source=str(config_path))
-    manifest = read_manifest(run_dir / "manifest.csv")
-    splits = read_splits(run_dir / "splits.csv", manifest).table["split"].astype(str).to_numpy()
-    rows = {name: np.flatnonzero(splits == name) for name in ("train", "val", split)}
-    for name, chosen in rows.items():
-        if len(chosen) == 0:
-            raise ConfigError(f"{run_dir}: the split {name!r} is empty; choose one of {sorted(set(splits))}")
-    targets = class_targets(manifest, config.data.positive_label)
-    patients = manifest.table["patient_id"].astype(str).to_numpy() if manifest.has_patients else None
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval" / f"shortcuts-{split}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    run_model = load_run_model(run_dir)
-    size = run_model.image_size
-    cache = cache_for(run_model, manifest, config.data.cache_dir)
-    say(f"segmenting {sum(len(r) for r in rows.values())} images")
-    segmented = {name: _segment_rows(manifest, chosen, size, workers) for name, chosen in rows.items()}
-
-    # The neutral colour that replaces the background: the median glass colour of the training images, so the
-    # cell-only view carries no per-image glass colour.
-    train_images = cache.array()[rows["train"]]
-    glass = [
-        _background_colour(image, mask)
-        for image, mask, ok in zip(train_images, segmented["train"].masks, segmented["train"].ok, strict=True)
-        if ok
-    ]
-    neutral = np.median(np.stack(glass), axis=0) if glass else np.full(3, 255.0)
-
-    val_logits = predict_logits(run_model, cache, rows["val"])
-    p_val, y_val = probabilities(val_logits), targets[rows["val"]]
-    threshold, threshold_95 = youden_threshold(y_val, p_val), threshold_for_specificity(y_val, p_val, 0.95)
-
-    test_rows, test_seg = rows[split], segmented[split]
-    y_test = targets[test_rows]
-    groups = patients[test_rows] if patients is not None else None
-    originals = cache.array()[test_rows]
-    views = {
-        "original": originals,
-        "cell_removed": np.stack(
-            [remove_cell(im, m, neutral) for im, m in zip(originals, test_seg.masks, strict=True)]
-        ),
-        "background_removed": np.stack(
-            [remove_background(im, m, neutral) for im, m in zip(originals, test_seg.masks, strict=True)]
-        ),
-    }
-    conditions: dict[str, dict[str, Any]] = {}
-    for name in CONDITIONS:
-        say(f"scoring {name}")
-        p = probabilities(_logits(run_model, views[name]))
-        conditions[name] = metrics_with_ci(y_test, p, threshold, threshold_95, groups, n_boot, seed)
-
-    say("training the background-only probe")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=probe_c, max_iter=5000))
-    probe.fit(segmented["train"].features, targets[rows["train"]])
-    p_probe_val = probe.predict_proba(segmented["val"].features)[:, 1]
-    p_probe = probe.predict_proba(test_seg.features)[:, 1]
-    conditions[PROBE] = metrics_with_ci(
-        y_test,
-        p_probe,
-        youden_threshold(y_val, p_probe_val),
-        threshold_for_specificity(y_val, p_probe_val, 0.95),
-        groups,
-        n_boot,
-        seed,
-    )
-
-    picks = _example_rows(y_test, n_examples)
-    examples = {name: views[name][picks] for name in CONDITIONS} | {"cell_mask": test_seg.masks[picks]}
-    n_unsegmented = int((~test_seg.ok).sum())
-    report = ShortcutReport(
-        out_dir=out_dir,
-        run_dir=run_dir,
-        split=split,
-        n_images=len(test_rows),
-        n_unsegmented=n_unsegmented,
-        conditions=conditions,
-        seconds=0.0,
-        examples=examples,
-    )
-    paths = manifest.table["path"].astype(str).to_numpy()
-    report.files["examples"] = _examples_figure(
-        out_dir / "shortcut_examples.png", examples, y_test[picks], test_seg.ok[picks]
-    )
-    report.files["chart"] = _auroc_chart(out_dir / "shortcuts.png", report)
-    report.seconds = time.perf_counter() - started
-    details = {
-        "run": str(run_dir),
-        "split": split,
-        "n_images": len(test_rows),
-        "n_unsegmented": n_unsegmented,
-        "unsegmented_paths": paths[test_rows][~test_seg.ok].tolist(),
-        "n_unsegmented_train_val": {n: int((~segmented[n].ok).sum()) for n in ("train", "val")},
-        "masking": {
-            "segmentation": f"segment_cell at {WORKING_SIZE} px, cell mask dilated by {DILATE_PX} px",
-            "cell_removed": "pixels in the cell mask set to the image's own median background colour",
-            "background_removed": "pixels outside the cell mask set to the train split's median glass colour",
-            "neutral_colour": neutral.tolist(),
-            "unsegmented": "kept unmasked in every view",
-        },
-        "thresholds": {"chosen_on": "validation, original images", "youden": threshold, "spec95": threshold_95},
-        "probe": {
-            "features": "background RGB mean/sd/percentiles, colour histograms, gradient and Laplacian energy",
-            "model": f"StandardScaler + LogisticRegression(C={probe_c})",
-            "trained_on": "train",
-            "threshold_on": "val",
-        },
-        "conditions": conditions,
-        "seconds": report.seconds,
-    }
-    report.files["json"] = out_dir / "shortcuts.json"
-    report.files["json"].write_text(json.dumps(jsonable(details), indent=2))
-    report.files["markdown"] = out_dir / "shortcuts.md"
-    report.files["markdown"].write_text(shortcut_markdown(report))
-    say(f"done in {report.seconds:.1f} s")
-    return report
-
-
-def _example_rows(y: np.ndarray, n: int) -> np.ndarray:
+def example_rows(y: np.ndarray, n: int) -> np.ndarray:
     """Up to `n` rows, alternating classes so both are shown."""
     by_class = [np.flatnonzero(y == c).tolist() for c in (1, 0)]
     picks: list[int] = []
@@ -398,7 +229,7 @@ def shortcut_markdown(report: ShortcutReport) -> str:
     return "\n".join(lines)
 
 
-def _auroc_chart(out: Path, report: ShortcutReport) -> Path:
+def auroc_chart(out: Path, report: ShortcutReport) -> Path:
     names = list(report.conditions)
     values = np.array([report.conditions[n]["roc_auc"] for n in names], dtype=float)
     cis = [report.conditions[n].get("ci", {}).get("roc_auc") or [np.nan, np.nan] for n in names]
@@ -424,7 +255,7 @@ def _auroc_chart(out: Path, report: ShortcutReport) -> Path:
     return out
 
 
-def _examples_figure(out: Path, examples: dict[str, np.ndarray], labels: np.ndarray, ok: np.ndarray) -> Path:
+def examples_figure(out: Path, examples: dict[str, np.ndarray], labels: np.ndarray, ok: np.ndarray) -> Path:
     items = []
     for i, label in enumerate(labels):
         for name in CONDITIONS:

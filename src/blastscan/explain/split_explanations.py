@@ -12,12 +12,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from blastscan.baselines.segmentation import segment_cell
 from blastscan.data.images import load_rgb, resize_rgb
 from blastscan.data.manifest import Manifest
-from blastscan.evaluation.predict import RunModel
 from blastscan.explain.cam import compute_cams, model_inputs, overlay_grid
 from blastscan.explain.localisation import localisation_summary
+from blastscan.imaging.segmentation import segment_cell
+from blastscan.inference import Predictor
 
 #: ScoreCAM needs one forward pass per channel: too slow for a whole split on a CPU, so it is not a default.
 DEFAULT_METHODS = ("gradcam", "gradcam++", "eigencam")
@@ -30,7 +30,7 @@ def _images(manifest: Manifest, rows: Sequence[int], size: int = _SEGMENT_SIZE) 
 
 
 def localisation_table(
-    run_model: RunModel,
+    predictor: Predictor,
     manifest: Manifest,
     rows: Sequence[int],
     targets: np.ndarray,
@@ -58,7 +58,7 @@ def localisation_table(
         cams = []
         for start in range(0, len(keep), batch_size):
             chunk = [images[i] for i in keep[start : start + batch_size]]
-            cams.append(compute_cams(run_model.model, model_inputs(run_model, chunk), method=method))
+            cams.append(compute_cams(predictor.model, model_inputs(predictor, chunk), method=method))
         stacked = np.concatenate(cams) if cams else np.zeros((0, 1, 1))
         tables.append(localisation_summary(stacked, masks, labels, method))
     table = pd.concat(tables, ignore_index=True)
@@ -89,7 +89,7 @@ def plot_localisation(table: pd.DataFrame, out: Path) -> Path:
 
 
 def confident_cases_gallery(
-    run_model: RunModel,
+    predictor: Predictor,
     manifest: Manifest,
     rows: np.ndarray,
     targets: np.ndarray,
@@ -113,6 +113,6 @@ def confident_cases_gallery(
         confidence = probability[found] if name.endswith("positive") else 1 - probability[found]
         for index in found[np.argsort(-confidence)][:per_case]:
             image = _images(manifest, [rows[index]], size=160)[0]
-            cam = compute_cams(run_model.model, model_inputs(run_model, [image]), method=method)[0]
+            cam = compute_cams(predictor.model, model_inputs(predictor, [image]), method=method)[0]
             items.append((image, cam, f"{name}, p={probability[index]:.2f}"))
     return overlay_grid(items, out, columns=4)

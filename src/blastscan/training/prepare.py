@@ -9,11 +9,11 @@ import numpy as np
 
 from blastscan.data.audit import AuditReport, audit
 from blastscan.data.cache import ImageCache
-from blastscan.data.manifest import MANIFEST_MAGIC, Manifest, read_manifest
-from blastscan.data.scan import scan
+from blastscan.data.manifest import Manifest, class_targets
+from blastscan.data.scan import load_or_scan
 from blastscan.data.splits import SplitResult, make_split, read_splits
-from blastscan.data.stain import create_stain_method, foreground_mask
 from blastscan.errors import ConfigError, TrainingError
+from blastscan.imaging.stain import create_stain_method, foreground_mask
 from blastscan.training.config import TrainConfig
 
 SPLITS = ("train", "val", "test")
@@ -35,32 +35,6 @@ class PreparedData:
         """Images of class 0 and class 1 in `split`."""
         counts = np.bincount(self.targets[self.split_rows[split]], minlength=2)
         return [int(c) for c in counts]
-
-
-def _is_manifest(path: Path) -> bool:
-    if not path.is_file() or path.suffix.lower() != ".csv":
-        return False
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        return fh.readline().startswith(MANIFEST_MAGIC)
-
-
-def load_manifest(config: TrainConfig) -> Manifest:
-    """The manifest named by `data.root`: read it if it is a manifest CSV, otherwise scan the dataset there."""
-    root = config.data.resolved_root()
-    if _is_manifest(root):
-        return read_manifest(root)
-    return scan(root, format=config.data.format).manifest
-
-
-def class_targets(manifest: Manifest, positive_label: str) -> np.ndarray:
-    """1 where the label is `positive_label`, else 0; refuses a manifest without that label or with one class."""
-    labels = manifest.table["label"].astype(str)
-    present = sorted(set(labels))
-    if positive_label not in present:
-        raise ConfigError(f"data.positive_label: {positive_label!r} is not a label of this dataset ({present})")
-    if len(present) < 2:
-        raise TrainingError(f"the dataset has only the label {positive_label!r}; a classifier needs two classes")
-    return (labels == positive_label).to_numpy().astype(np.int64)
 
 
 def _split_rows(splits: SplitResult) -> dict[str, np.ndarray]:
@@ -98,7 +72,7 @@ def _reference_row(cache: ImageCache, rows: np.ndarray, limit: int = 64) -> int:
 
 def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
     """Load or scan the dataset, load or make the split, audit it (a leak stops the run), fill the cache."""
-    manifest = load_manifest(config)
+    manifest = load_or_scan(config.data.resolved_root(), config.data.format)
     split_cfg = config.data.split
     if config.data.splits:
         splits = read_splits(Path(config.data.splits).expanduser(), manifest)

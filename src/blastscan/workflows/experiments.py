@@ -1,6 +1,6 @@
 """Experiments made of several runs: K-fold cross-validation, cross-dataset transfer, and run comparison.
 
-Each trains through `training.fit.train` and scores through `evaluate_run`, so every number comes from the same
+Each trains through `workflows.train.train` and scores through `evaluate_run`, so every number comes from the same
 code as a single run; finished folds and pairs are reused when a command is re-run, so an interrupted
 experiment picks up where it stopped.
 """
@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from blastscan.data.scan import load_or_scan
 from blastscan.data.splits import SplitResult, make_split, write_splits
 from blastscan.errors import ConfigError
 from blastscan.evaluation import figures
-from blastscan.evaluation.evaluate import evaluate_run
+from blastscan.runs import RunFolder
 from blastscan.training.config import TrainConfig
-from blastscan.training.fit import train
-from blastscan.training.prepare import load_manifest
+from blastscan.workflows.evaluate import evaluate_run
+from blastscan.workflows.train import train
 
 #: The metrics the experiment tables carry (all from metrics.json).
 KEY_METRICS = (
@@ -58,11 +59,12 @@ def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
 
 
 def _train_once(config: TrainConfig, log: Callable[[str], None]) -> Path:
-    run_dir = Path(config.runs_dir) / config.name
-    if (run_dir / "best.safetensors").is_file():
+    run = RunFolder(Path(config.runs_dir) / config.name)
+    run_dir = run.path
+    if run.weights_path.is_file():
         log(f"{run_dir}: already trained, reused")
         return run_dir
-    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    resume = run.last_checkpoint.is_file()
     log(f"{run_dir}: {'resuming' if resume else 'training'}")
     train(config, resume=resume, progress_bar=False)
     return run_dir
@@ -86,10 +88,14 @@ class CrossvalResult:
 
 
 def crossval(
-    config: TrainConfig, folds: int = 5, n_boot: int = 1000, log: Callable[[str], None] = lambda _: None
+    config: TrainConfig,
+    folds: int = 5,
+    n_boot: int = 1000,
+    log: Callable[[str], None] = lambda _: None,
+    device: str = "auto",
 ) -> CrossvalResult:
     """K-fold grouped cross-validation: fold k is the test set, fold k+1 the validation set, the rest trains."""
-    manifest = load_manifest(config)
+    manifest = load_or_scan(config.data.resolved_root(), config.data.format)
     assignment = make_split(manifest, folds=folds, seed=config.data.split.seed)
     fold_of_row = assignment.table["split"].astype(int).to_numpy()
     out_dir = Path(config.runs_dir) / f"{config.name}-crossval{folds}"
@@ -102,7 +108,7 @@ def crossval(
         splits_path = write_splits(SplitResult(table, metadata, assignment.warnings), out_dir / f"splits-fold{k}.csv")
         fold_config = _with(config, name=f"fold{k}", runs_dir=str(out_dir), data__splits=str(splits_path))
         run_dir = _train_once(fold_config, log)
-        metrics = evaluate_run(run_dir, split="test", n_boot=n_boot).metrics
+        metrics = evaluate_run(run_dir, split="test", n_boot=n_boot, device=device).metrics
         rows.append(_row(metrics, fold=k, n_images=metrics.get("n_images"), n_patients=metrics.get("n_patients")))
         log(f"fold {k}: AUROC {metrics.get('roc_auc')}")
     table = pd.DataFrame(rows)
@@ -142,6 +148,7 @@ def transfer(
     variants: Sequence[str] = ("plain",),
     n_boot: int = 1000,
     log: Callable[[str], None] = lambda _: None,
+    device: str = "auto",
 ) -> TransferResult:
     """Train on each of `train_roots` and score on its own test split and on every one of `test_roots`."""
     unknown = sorted(set(variants) - set(STAIN_VARIANTS))
@@ -159,7 +166,7 @@ def transfer(
             run_dir = _train_once(run_config, log)
             for test_root in [train_root, *[t for t in test_roots if t != train_root]]:
                 own = test_root == train_root
-                metrics = evaluate_run(run_dir, data=None if own else test_root, n_boot=n_boot).metrics
+                metrics = evaluate_run(run_dir, data=None if own else test_root, n_boot=n_boot, device=device).metrics
                 rows.append(
                     _row(metrics, variant=variant, train=_slug(train_root), test=_slug(test_root), external=not own)
                 )
@@ -183,7 +190,7 @@ def compare(run_dirs: Sequence[str | Path], evaluation: str | None = None) -> pd
     """One row per run and evaluation folder (`eval/<dataset>-<split>`) with the key metrics and their CIs."""
     rows = []
     for run_dir in map(Path, run_dirs):
-        found = sorted((run_dir / "eval").glob("*/metrics.json")) if (run_dir / "eval").is_dir() else []
+        found = [folder / "metrics.json" for folder in RunFolder(run_dir).evaluations()]
         if evaluation is not None:
             found = [p for p in found if p.parent.name == evaluation]
         if not found:

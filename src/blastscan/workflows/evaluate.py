@@ -7,21 +7,17 @@ from a bootstrap over patients whenever patients are known.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from blastscan import __version__
-from blastscan.data.audit import AuditReport
 from blastscan.data.images import load_rgb, resize_rgb
-from blastscan.data.manifest import Manifest, read_manifest
-from blastscan.data.splits import read_splits
-from blastscan.errors import ConfigError
+from blastscan.data.manifest import Manifest, class_targets, patient_ids
+from blastscan.data.scan import load_or_scan
 from blastscan.evaluation import figures
 from blastscan.evaluation.metrics import (
     apply_temperature,
@@ -34,7 +30,6 @@ from blastscan.evaluation.metrics import (
     threshold_for_specificity,
     youden_threshold,
 )
-from blastscan.evaluation.predict import RunModel, cache_for, load_run_model, predict_logits, probabilities
 from blastscan.evaluation.report import (
     Calibration,
     DataSummary,
@@ -45,8 +40,10 @@ from blastscan.evaluation.report import (
     RunInfo,
     write_report,
 )
-from blastscan.training.config import TrainConfig, parse_config
-from blastscan.training.prepare import class_targets, load_manifest
+from blastscan.inference import Predictor, probabilities
+from blastscan.runs import RunFolder, write_json
+from blastscan.training.config import DataConfig, TrainConfig
+from blastscan.workflows.thresholds import record_operating_points
 
 
 @dataclass
@@ -75,14 +72,12 @@ class EvaluationResult:
     figures: dict[str, Path] = field(default_factory=dict)
 
 
-def _patients(manifest: Manifest, rows: np.ndarray) -> np.ndarray | None:
-    return manifest.table["patient_id"].astype(str).to_numpy()[rows] if manifest.has_patients else None
-
-
-def _score(run_model: RunModel, manifest: Manifest, rows: np.ndarray, positive: str, tta: bool, cache_dir) -> Scored:
-    cache = cache_for(run_model, manifest, cache_dir)
+def _score(predictor: Predictor, manifest: Manifest, rows: np.ndarray, positive: str, tta: bool, cache_dir) -> Scored:
+    cache = predictor.image_cache(manifest, cache_dir)
     targets = class_targets(manifest, positive)[rows]
-    return Scored(rows, targets, predict_logits(run_model, cache, rows, tta=tta), _patients(manifest, rows))
+    patients = patient_ids(manifest)
+    logits = predictor.logits_of_rows(cache, rows, tta=tta)
+    return Scored(rows, targets, logits, patients[rows] if patients is not None else None)
 
 
 def _dataset_name(manifest: Manifest) -> str:
@@ -98,95 +93,100 @@ def evaluate_run(
     n_boot: int = 1000,
     seed: int = 0,
     explain: bool = True,
+    explain_images: int = 200,
+    device: str = "auto",
+    batch_size: int = 64,
 ) -> EvaluationResult:
     """Score `run_dir` on its own `split`, or on every image of `data` (a dataset folder, lab CSV or manifest).
 
     With `explain`, the report also gets Grad-CAM overlays of the most confident right and wrong calls and the
-    share of CAM energy inside the cell (see `blastscan.explain`)."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    config = parse_config(yaml.safe_load(config_path.read_text()), source=str(config_path))
+    share of CAM energy inside the cell on up to `explain_images` images (see `blastscan.explain`). `device`:
+    auto (CUDA, then MPS, then CPU), cpu, cuda or mps."""
+    run = RunFolder.open(run_dir)
+    run_dir = run.path
+    config = run.config()
     positive = config.data.positive_label
-    run_model = load_run_model(run_dir)
-    own = read_manifest(run_dir / "manifest.csv")
-    own_splits = read_splits(run_dir / "splits.csv", own).table["split"].astype(str).to_numpy()
+    predictor = Predictor.from_run(run, device=device, batch_size=batch_size)
+    own = run.manifest()
+    own_splits = run.split_names(own)
     cache_dir = config.data.cache_dir
 
     val_rows = np.flatnonzero(own_splits == "val")
-    validation = _score(run_model, own, val_rows, positive, False, cache_dir)
+    validation = _score(predictor, own, val_rows, positive, False, cache_dir)
 
     if data is None:
-        manifest, rows = own, np.flatnonzero(own_splits == split)
-        if len(rows) == 0:
-            raise ConfigError(f"{run_dir}: the split {split!r} is empty; choose one of {sorted(set(own_splits))}")
+        manifest, rows = own, run.rows(split, own)
         dataset, split_name = _dataset_name(own), split
     else:
-        manifest = load_manifest(parse_config({"name": "external", "data": {"root": str(data)}}))
+        manifest = load_or_scan(DataConfig(root=str(data)).resolved_root())
         rows = np.arange(len(manifest))
         dataset, split_name = _dataset_name(manifest), "all"
-    scored = _score(run_model, manifest, rows, positive, False, cache_dir)
+    scored = _score(predictor, manifest, rows, positive, False, cache_dir)
 
     # Operating points and calibration come from validation only.
     p_val = validation.probability
     threshold = youden_threshold(validation.targets, p_val)
     threshold_95 = threshold_for_specificity(validation.targets, p_val, 0.95)
     temperature = fit_temperature(validation.logits, validation.targets)
+    record_operating_points(run, False, threshold, threshold_95, len(val_rows))
 
-    out_dir = run_dir / "eval" / f"{dataset}-{split_name}"
+    out_dir = run.eval_dir(dataset, split_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = _metrics(scored, threshold, threshold_95, temperature, validation, n_boot, seed)
     metrics.update({"dataset": dataset, "split": split_name, "external": data is not None, "run": str(run_dir)})
     tta_metrics, scored_tta = None, None
     if tta:
         # TTA scores have their own distribution: their operating points come from TTA scores on validation.
-        validation_tta = _score(run_model, own, val_rows, positive, True, cache_dir)
-        scored_tta = _score(run_model, manifest, rows, positive, True, cache_dir)
+        validation_tta = _score(predictor, own, val_rows, positive, True, cache_dir)
+        scored_tta = _score(predictor, manifest, rows, positive, True, cache_dir)
         p_val_tta = validation_tta.probability
+        threshold_tta = youden_threshold(validation_tta.targets, p_val_tta)
+        threshold_95_tta = threshold_for_specificity(validation_tta.targets, p_val_tta, 0.95)
+        record_operating_points(run, True, threshold_tta, threshold_95_tta, len(val_rows))
         tta_metrics = metrics_with_ci(
             scored_tta.targets,
             scored_tta.probability,
-            youden_threshold(validation_tta.targets, p_val_tta),
-            threshold_for_specificity(validation_tta.targets, p_val_tta, 0.95),
+            threshold_tta,
+            threshold_95_tta,
             scored_tta.patients,
             n_boot,
             seed,
         )
         metrics["tta"] = tta_metrics
     _write_predictions(out_dir / "predictions.csv", manifest, scored, scored_tta)
-    made = _figures(out_dir, run_dir, scored, metrics, threshold_95)
+    made = _figures(out_dir, run, scored, metrics, threshold_95)
     made["errors"] = _error_gallery(out_dir / "confident_errors.png", manifest, scored, metrics["threshold"])
     if explain:
-        made.update(_explanations(out_dir, run_dir, run_model, manifest, scored, metrics, split_name))
-    (out_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
-    made["report"] = write_evaluation_report(out_dir, run_dir, config, metrics, made, dataset, split_name)
+        made.update(_explanations(out_dir, run, predictor, manifest, scored, metrics, split_name, explain_images))
+    write_json(out_dir / "metrics.json", metrics)
+    made["report"] = write_evaluation_report(out_dir, run, config, metrics, made, dataset, split_name)
     return EvaluationResult(out_dir, dataset, split_name, metrics, tta_metrics, made)
 
 
 def _explanations(
     out_dir: Path,
-    run_dir: Path,
-    run_model: RunModel,
+    run: RunFolder,
+    predictor: Predictor,
     manifest: Manifest,
     scored: Scored,
     metrics: dict[str, Any],
     split_name: str,
+    max_images: int,
 ) -> dict[str, Path]:
     # Imported here: explanations pull in pytorch-grad-cam (and OpenCV), which plain scoring does not need.
     from blastscan.explain.split_explanations import confident_cases_gallery, localisation_table, plot_localisation
 
     made = {
         "cams": confident_cases_gallery(
-            run_model, manifest, scored.rows, scored.targets, scored.probability, metrics["threshold"],
+            predictor, manifest, scored.rows, scored.targets, scored.probability, metrics["threshold"],
             out_dir / "gradcam_gallery.png",
         )
     }  # fmt: skip
-    table = localisation_table(run_model, manifest, scored.rows, scored.targets)
+    table = localisation_table(predictor, manifest, scored.rows, scored.targets, max_images=max_images)
     table.to_csv(out_dir / "localisation.csv", index=False)
     metrics["localisation"] = table.to_dict(orient="records")
     made["localisation"] = plot_localisation(table, out_dir / "localisation.png")
-    shortcuts = run_dir / "eval" / f"shortcuts-{split_name}" / "shortcuts.png"
+    shortcuts = run.shortcuts_dir(split_name) / "shortcuts.png"
     if shortcuts.is_file():
         made["shortcuts"] = shortcuts
     return made
@@ -213,7 +213,7 @@ def _error_gallery(out: Path, manifest: Manifest, scored: Scored, threshold: flo
 
 def write_evaluation_report(
     out_dir: Path,
-    run_dir: Path,
+    run: RunFolder,
     config: TrainConfig,
     metrics: dict[str, Any],
     made: dict[str, Path],
@@ -221,8 +221,8 @@ def write_evaluation_report(
     split_name: str,
 ) -> Path:
     """The self-contained report.html of one evaluation."""
-    audit = AuditReport.model_validate_json((run_dir / "audit.json").read_text())
-    card = json.loads((run_dir / "model.json").read_text())
+    audit = run.audit()
+    card = run.model_card()
     synthetic = "synthetic" in str(audit.dataset).lower() or "synthetic" in dataset.lower()
     calibration = metrics["calibration"]
     patient = metrics.get("patient_level")
@@ -236,7 +236,7 @@ def write_evaluation_report(
         limitations.append(f"External validation on {dataset}: a different source; the threshold was not re-tuned.")
     content = ReportContent(
         run=RunInfo(
-            run_name=run_dir.name,
+            run_name=run.name,
             dataset=dataset,
             split_level="patient" if audit.split_level == "patient" else "image",
             split_seed=config.data.split.seed,
@@ -284,7 +284,7 @@ def write_evaluation_report(
             limitations=limitations,
         ),
     )
-    title = f"blastscan evaluation: {run_dir.name} on {dataset} ({split_name})"
+    title = f"blastscan evaluation: {run.name} on {dataset} ({split_name})"
     return write_report(out_dir / "report.html", title=title, sections=content)
 
 
@@ -352,7 +352,7 @@ def _write_predictions(path: Path, manifest: Manifest, scored: Scored, scored_tt
     table.to_csv(path, index=False)
 
 
-def _figures(out_dir: Path, run_dir: Path, scored: Scored, metrics: dict[str, Any], threshold_95: float) -> dict:
+def _figures(out_dir: Path, run: RunFolder, scored: Scored, metrics: dict[str, Any], threshold_95: float) -> dict:
     y, p = scored.targets, scored.probability
     specificity = metrics.get("specificity_at_95_specificity_threshold", np.nan)
     sensitivity = metrics.get("sensitivity_at_95_specificity", np.nan)
@@ -374,25 +374,10 @@ def _figures(out_dir: Path, run_dir: Path, scored: Scored, metrics: dict[str, An
         ),
         "scores": figures.plot_score_distribution(y, p, out_dir / "scores.png", threshold=metrics["threshold"]),
     }
-    if (run_dir / "metrics.csv").is_file():
-        made["training"] = figures.plot_training_curves(run_dir / "metrics.csv", out_dir / "training_curves.png")
+    if run.metrics_path.is_file():
+        made["training"] = figures.plot_training_curves(run.metrics_path, out_dir / "training_curves.png")
     # `blastscan baselines ... --cnn RUN --out RUN/baselines` puts the comparison where the report picks it up.
-    baselines_chart = run_dir / "baselines" / "baselines_bar.png"
+    baselines_chart = run.baselines_dir / "baselines_bar.png"
     if baselines_chart.is_file():
         made["baselines"] = baselines_chart
     return made
-
-
-def jsonable(value: Any) -> Any:
-    """NaN -> None and numpy scalars -> Python, so metrics.json is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value

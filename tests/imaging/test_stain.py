@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from blastscan.data.images import load_rgb
-from blastscan.data.stain import (
+from blastscan.errors import BlastscanError, ConfigError
+from blastscan.imaging.stain import (
     GIEMSA_REFERENCE,
     Macenko,
     Reinhard,
@@ -21,7 +22,6 @@ from blastscan.data.stain import (
     stain_method_from_dict,
     stain_method_names,
 )
-from blastscan.errors import BlastscanError, ConfigError
 
 NORMALIZERS = ["reinhard", "macenko", "none"]
 

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from blastscan.data.stain import StainJitter
 from blastscan.errors import ConfigError
+from blastscan.imaging.preprocess import normalize_batch
+from blastscan.imaging.stain import StainJitter
 
 __all__ = ["AugmentConfig", "BatchAugment", "augmentation_grid", "save_augmentation_grid"]
 
@@ -210,7 +211,7 @@ class BatchAugment(torch.nn.Module):
         """
         images = _check_images(images_uint8)
         if not (train and self.config.active) or images.shape[0] == 0:
-            return self.normalize(images.float() / 255.0)
+            return normalize_batch(images, self.mean, self.std)
         cfg = self.config
         params = self._draw(images.shape, generator, images.device)
         if cfg.rotation > 0 or cfg.zoom != (1.0, 1.0):

@@ -36,15 +36,15 @@ from blastscan.baselines.classifiers import (
 )
 from blastscan.baselines.embeddings import CnnEmbeddings
 from blastscan.baselines.features import HandcraftedFeatures, SegmentationWarning
-from blastscan.baselines.segmentation import save_segmentation_figure
 from blastscan.data.cache import ImageCache
-from blastscan.data.manifest import Manifest, read_manifest
+from blastscan.data.manifest import Manifest, class_targets, patient_ids, read_manifest
 from blastscan.data.splits import read_splits
 from blastscan.errors import ConfigError, TrainingError
 from blastscan.evaluation.figures import DPI, GRID_ALPHA
 from blastscan.evaluation.metrics import metrics_with_ci, threshold_for_specificity, youden_threshold
-from blastscan.evaluation.predict import cache_for, load_run_model, predict_logits, probabilities
-from blastscan.training.prepare import class_targets
+from blastscan.imaging.segmentation import save_segmentation_figure
+from blastscan.inference import Predictor, probabilities
+from blastscan.runs import RunFolder
 
 #: Metrics stored per model (value and 95% CI); the markdown table and bar chart show the first five.
 METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificity", "pr_auc", "sensitivity_at_95_specificity")
@@ -104,6 +104,7 @@ def run_baselines(
     classifiers: Sequence[str] | None = None,
     seed: int = 0,
     n_jobs: int | None = None,
+    device: str = "auto",
 ) -> BaselineResult:
     """Train and score the baselines on the train/val/test split in `splits_path`; write the comparison to out_dir.
 
@@ -116,7 +117,8 @@ def run_baselines(
 
     Writes baselines.csv, baselines.md, baselines_bar.png, segmentation.png and features/*.npz (the extracted
     features, reused by a later call on the same images). `n_jobs` runs each grid search's fits in that many
-    processes (None: one by one, the quickest for these small grids on 2 cores).
+    processes (None: one by one, the quickest for these small grids on 2 cores). `device` runs the CNNs (auto:
+    CUDA, then MPS, then CPU).
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -127,7 +129,7 @@ def run_baselines(
     targets = class_targets(manifest, positive_label)
     rows = _split_rows(split_table, targets, positive_label)
     tune_groups = _tuning_groups(manifest, split_table)
-    ci_groups = manifest.table["patient_id"].astype(str).to_numpy() if manifest.has_patients else None
+    ci_groups = patient_ids(manifest)
     notes = [
         "Intervals: percentile bootstrap over test "
         + ("patients." if ci_groups is not None else "images (the manifest has no patient IDs).")
@@ -150,18 +152,18 @@ def run_baselines(
                 "cnn-imagenet",
                 "EfficientNet-Lite0 ImageNet embeddings",
                 "hybrid (ImageNet CNN features)",
-                CnnEmbeddings(image_size=image_size),
+                CnnEmbeddings(image_size=image_size, device=device),
                 image_size,
             )
         )
     if cnn_run is not None:
-        run_size = int(json.loads((Path(cnn_run) / "model.json").read_text())["image_size"])
+        run_size = int(RunFolder.open(cnn_run).model_card()["image_size"])
         sources.append(
             FeatureSource(
                 "cnn-run",
                 f"embeddings of run {Path(cnn_run).name}",
                 "hybrid (trained CNN features)",
-                CnnEmbeddings(run_dir=cnn_run),
+                CnnEmbeddings(run_dir=cnn_run, device=device),
                 run_size,
             )
         )
@@ -210,7 +212,7 @@ def run_baselines(
             log(f"{source.key} + {name}: test AUROC {metrics['roc_auc']:.3f} (tuned in {seconds:.1f} s)")
 
     if cnn_run is not None:
-        metrics = _score_cnn(Path(cnn_run), manifest, targets, rows, ci_groups, n_boot, seed, cache_dir)
+        metrics = _score_cnn(Path(cnn_run), manifest, targets, rows, ci_groups, n_boot, seed, cache_dir, device)
         table_rows.append(
             _table_row(
                 metrics,
@@ -284,12 +286,9 @@ def _tuning_groups(manifest: Manifest, split_table: pd.DataFrame) -> np.ndarray:
 
 def _check_run_split(run_dir: Path, manifest: Manifest, test_rows: np.ndarray) -> None:
     """Refuse a run that trained or validated on a test image of this split: its scores would be optimistic."""
-    run_manifest_path, run_splits_path = run_dir / "manifest.csv", run_dir / "splits.csv"
-    for path in (run_manifest_path, run_splits_path, run_dir / "model.json"):
-        if not path.is_file():
-            raise ConfigError(f"{run_dir}: missing {path.name}; is this a finished `blastscan train` run folder?")
-    run_manifest = read_manifest(run_manifest_path)
-    run_split = read_splits(run_splits_path, run_manifest).table["split"].astype(str).to_numpy()
+    run = RunFolder.open(run_dir, need=("manifest", "splits", "model_card"))
+    run_manifest = run.manifest()
+    run_split = run.split_names(run_manifest)
     run_root = run_manifest.root.resolve()
     seen = {str(run_root / p) for p, s in zip(run_manifest.table["path"], run_split, strict=True) if s != "test"}
     root = manifest.root.resolve()
@@ -388,11 +387,12 @@ def _score_cnn(
     n_boot: int,
     seed: int,
     cache_dir: str | Path | None,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    run_model = load_run_model(run_dir)
-    cache = cache_for(run_model, manifest, cache_dir)
-    p_val = probabilities(predict_logits(run_model, cache, rows["val"]))
-    p_test = probabilities(predict_logits(run_model, cache, rows["test"]))
+    predictor = Predictor.from_run(run_dir, device=device)
+    cache = predictor.image_cache(manifest, cache_dir)
+    p_val = probabilities(predictor.logits_of_rows(cache, rows["val"]))
+    p_test = probabilities(predictor.logits_of_rows(cache, rows["test"]))
     return _scored(targets, rows, p_val, p_test, ci_groups, n_boot, seed)
 
 

@@ -1,19 +1,7 @@
-"""`train`: one experiment from config to a self-describing run folder.
-
-runs/<name>/
-  config.yaml           the resolved config (what `--resume` reads back)
-  manifest.csv, splits.csv, audit.json, stain.json (when stain normalisation is on)
-  checkpoints/last.ckpt the latest epoch (Lightning writes it through a temp file, so a kill never leaves half a file)
-  checkpoints/best.ckpt the best epoch by the monitored metric
-  best.safetensors      the best model's weights alone, for evaluation and deployment
-  model.json            how to rebuild the model and feed it (name, preprocessing, classes)
-  metrics.csv           one row per epoch; logs/ (CSV logger) and tensorboard/
-  training_curves.png, augmentations.png
-"""
+"""`train`: one experiment from config to a self-describing run folder (its layout: `blastscan.runs`)."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +10,15 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from safetensors.torch import save_file
 
-from blastscan.data.manifest import write_manifest
-from blastscan.data.splits import write_splits
-from blastscan.data.transforms import save_augmentation_grid
 from blastscan.errors import ConfigError, TrainingError
+from blastscan.imaging.augment import save_augmentation_grid
 from blastscan.models import preprocessing_for, unfreeze
-from blastscan.training.config import TrainConfig, apply_overrides, parse_config
+from blastscan.runs import RunFolder
+from blastscan.training.config import TrainConfig
 from blastscan.training.data import CellDataModule
 from blastscan.training.losses import balanced_sample_weights
 from blastscan.training.module import CellClassifier
@@ -70,24 +55,8 @@ def run_dir_for(config: TrainConfig) -> Path:
     return Path(config.runs_dir) / config.name
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """The resolved config a run folder was started with (for `--resume`), with optional overrides."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml); start it with `blastscan train --config`")
-    tree = yaml.safe_load(path.read_text())
-    return parse_config(apply_overrides(tree, overrides or []), source=str(path))
-
-
 @rank_zero_only
-def _write_run_inputs(run_dir: Path, config: TrainConfig, data: PreparedData, mean: Any, std: Any) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    write_manifest(data.manifest, run_dir / "manifest.csv")
-    write_splits(data.splits, run_dir / "splits.csv")
-    (run_dir / "audit.json").write_text(data.audit.model_dump_json(indent=2))
-    if data.stain_state is not None:
-        (run_dir / "stain.json").write_text(json.dumps(data.stain_state, indent=2))
+def _write_run_inputs(run: RunFolder, config: TrainConfig, data: PreparedData, mean: Any, std: Any) -> None:
     model_card = {
         "name": config.model.name,
         "pretrained": config.model.pretrained,
@@ -100,20 +69,19 @@ def _write_run_inputs(run_dir: Path, config: TrainConfig, data: PreparedData, me
         "stain_normalization": config.data.stain_normalization,
         "class_counts": {split: data.class_counts(split) for split in ("train", "val", "test")},
     }
-    (run_dir / "model.json").write_text(json.dumps(model_card, indent=2))
+    run.write_inputs(config, data.manifest, data.splits, data.audit, model_card, data.stain_state)
 
 
 @rank_zero_only
-def _write_run_outputs(run_dir: Path, module: CellClassifier, best_path: str, log_dir: Path) -> None:
+def _write_run_outputs(run: RunFolder, module: CellClassifier, best_path: str, log_dir: Path) -> None:
     if best_path:
         # Our own checkpoint, but still loaded without unpickling code.
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    weights = {k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}
-    save_file(weights, str(run_dir / "best.safetensors"))
-    metrics_file = log_dir / "metrics.csv"
+    run.write_weights(module.model)
+    metrics_file = log_dir / "metrics.csv"  # Lightning's CSVLogger's own file name
     if metrics_file.is_file():
-        save_training_curves(metrics_file, run_dir / "metrics.csv", run_dir / "training_curves.png")
+        save_training_curves(metrics_file, run.metrics_path, run.curves_path)
 
 
 def train(
@@ -123,8 +91,9 @@ def train(
     extra_callbacks: list[Callback] | None = None,
 ) -> TrainResult:
     """Train `config` into `runs_dir/name`; with `resume`, continue from that folder's last checkpoint."""
-    run_dir = run_dir_for(config)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    run = RunFolder(run_dir_for(config))
+    run_dir = run.path
+    last = run.last_checkpoint
     if resume and not last.is_file():
         raise ConfigError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt); start it without --resume")
     if not resume and last.exists():
@@ -133,7 +102,7 @@ def train(
     data = prepare_data(config)
     pre = preprocessing_for(config.model.name, config.model.pretrained)
     mean, std = pre["mean"], pre["std"]
-    _write_run_inputs(run_dir, config, data, mean, std)
+    _write_run_inputs(run, config, data, mean, std)
 
     counts = data.class_counts("train")
     train_targets = data.targets[data.split_rows["train"]]
@@ -148,12 +117,12 @@ def train(
         sample_weights=sample_weights,
     )
     module = CellClassifier(config.model_dump(mode="json"), counts, mean, std)
-    _save_augmentations(run_dir, data, module, config.seed)
+    _save_augmentations(run, data, module, config.seed)
 
     trainer_cfg = config.trainer
     mode = "max" if trainer_cfg.monitor == "val_auroc" else "min"
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+        dirpath=run.checkpoints_dir,
         filename="best",
         monitor=trainer_cfg.monitor,
         mode=mode,
@@ -162,9 +131,7 @@ def train(
     )
     # Lightning 2.6 refreshes `save_last` only on epochs that improve the monitor; resuming needs every epoch,
     # so a second, unmonitored checkpoint overwrites last.ckpt at each epoch end.
-    latest = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
-    )
+    latest = ModelCheckpoint(dirpath=run.checkpoints_dir, filename="last", save_top_k=1, enable_version_counter=False)
     callbacks: list[Callback] = [
         checkpoint,
         latest,
@@ -177,7 +144,7 @@ def train(
 
         callbacks.append(RichProgressBar())
     callbacks.extend(extra_callbacks or [])
-    csv_logger = CSVLogger(run_dir, name="logs", version="")
+    csv_logger = CSVLogger(run_dir, name=RunFolder.LOGS, version="")
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=trainer_cfg.max_epochs,
@@ -189,7 +156,7 @@ def train(
         limit_train_batches=trainer_cfg.limit_train_batches,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         callbacks=callbacks,
-        logger=[csv_logger, TensorBoardLogger(run_dir, name="tensorboard", version="")],
+        logger=[csv_logger, TensorBoardLogger(run_dir, name=RunFolder.TENSORBOARD, version="")],
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -202,7 +169,7 @@ def train(
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
-    _write_run_outputs(run_dir, module, checkpoint.best_model_path, Path(csv_logger.log_dir))
+    _write_run_outputs(run, module, checkpoint.best_model_path, Path(csv_logger.log_dir))
     stopper = next(c for c in callbacks if isinstance(c, EarlyStopping))
     best = checkpoint.best_model_score
     return TrainResult(
@@ -236,7 +203,7 @@ def _best_epoch(best_path: str) -> int | None:
 
 
 @rank_zero_only
-def _save_augmentations(run_dir: Path, data: PreparedData, module: CellClassifier, seed: int) -> None:
+def _save_augmentations(run: RunFolder, data: PreparedData, module: CellClassifier, seed: int) -> None:
     rows = data.split_rows["train"][:4]
     images = torch.from_numpy(np.stack([np.asarray(data.cache[int(r)]) for r in rows])).permute(0, 3, 1, 2)
-    save_augmentation_grid(run_dir / "augmentations.png", images, module.augment, seed=seed)
+    save_augmentation_grid(run.augmentations_path, images, module.augment, seed=seed)

@@ -18,12 +18,13 @@ from typing import Any
 
 import pandas as pd
 
-from blastscan.data.audit import AuditReport, report_summary
+from blastscan.data.audit import report_summary
 from blastscan.data.synthetic import SYNTHETIC_TAG, generate_dataset
 from blastscan.errors import ConfigError
-from blastscan.evaluation.evaluate import evaluate_run
+from blastscan.runs import RunFolder
 from blastscan.training.config import parse_config
-from blastscan.training.fit import train
+from blastscan.workflows.evaluate import evaluate_run
+from blastscan.workflows.train import train
 
 DEMO_MARKER = ".blastscan-demo"
 
@@ -123,8 +124,9 @@ def run_demo(
     evaluation = evaluate_run(run_dir, n_boot=200)
     seconds["evaluate"] = round(time.perf_counter() - start, 2)
 
-    report = AuditReport.model_validate_json((run_dir / "audit.json").read_text())
-    splits = pd.read_csv(run_dir / "splits.csv", skiprows=1)
+    run = RunFolder(run_dir)
+    report = run.audit()
+    splits = run.splits().table
     counts = pd.crosstab(splits["split"], splits["label"])
     summary = DemoResult(
         run_dir=run_dir,

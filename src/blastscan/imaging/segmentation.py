@@ -9,7 +9,7 @@ on the black surround of pre-segmented cells (C-NMC). Two colour cues, both chos
 * cytoplasm versus red cells: the blue share of optical density, `OD_B / (OD_R + OD_G + OD_B)`. Haemoglobin absorbs
   blue (Soret band), while basophilic cytoplasm absorbs red and passes blue; red cells ~0.25-0.45, cytoplasm lower.
 
-Nucleus = Otsu threshold of the nucleus cue over the stained pixels (`blastscan.data.stain.foreground_mask`), never
+Nucleus = Otsu threshold of the nucleus cue over the stained pixels (`blastscan.imaging.stain.foreground_mask`), never
 below `NUCLEUS_MIN_CUE`, cleaned (opening, specks removed, holes filled); components closer than `LOBE_GAP` form one
 nucleus (a neutrophil's lobes are separate components of one nucleus), and the nucleus nearest the image centre is
 kept, less pieces far smaller than its largest (platelets, granules).
@@ -32,7 +32,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
-from blastscan.data.stain import BLACK_LEVEL, SEGMENTED_BLACK_SHARE, foreground_mask
+from blastscan.imaging.stain import BLACK_LEVEL, SEGMENTED_BLACK_SHARE, foreground_mask
 
 __all__ = ["CellSegmentation", "save_segmentation_figure", "segment_cell", "segmentation_gallery"]
 

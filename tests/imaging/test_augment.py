@@ -11,8 +11,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from blastscan.data.images import load_rgb, resize_rgb
-from blastscan.data.transforms import AugmentConfig, BatchAugment, augmentation_grid, save_augmentation_grid
 from blastscan.errors import ConfigError
+from blastscan.imaging.augment import AugmentConfig, BatchAugment, augmentation_grid, save_augmentation_grid
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

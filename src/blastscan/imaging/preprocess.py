@@ -1,0 +1,62 @@
+"""What a model is fed, the same in training and inference: one function per step.
+
+1. `prepare_image`: decode (or take an array), resize to the model's square size with Pillow's LANCZOS, and apply
+   the run's stain normalisation when it was trained with one. The image cache stores exactly this (its rows are
+   `load_resized` + the normaliser as the cache transform), so a file scored by `Predictor` and the same file read
+   from a training cache are the same uint8 pixels.
+2. `normalize_batch`: a (B, 3, H, W) uint8 batch (or float in 0-255) to float32 `(x / 255 - mean) / std`, on
+   whatever device the batch is on. `BatchAugment` ends with it when it does not augment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blastscan.data.images import load_resized, resize_rgb
+from blastscan.errors import DatasetError
+
+#: What `prepare_image` accepts: a file path, an (H, W, 3) uint8 RGB array, or a PIL image.
+ImageSource = str | Path | np.ndarray | Image.Image
+
+
+class StainNormalizer(Protocol):
+    """Anything with `normalize(uint8 image) -> uint8 image` (a fitted Reinhard or Macenko normaliser)."""
+
+    def normalize(self, image: np.ndarray) -> np.ndarray: ...
+
+
+def as_rgb_array(image: np.ndarray | Image.Image, name: str = "image") -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array from a PIL image or an array (greyscale is repeated, RGBA loses alpha)."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise DatasetError(f"{name}: expected an (H, W, 3) RGB image, got an array of shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise DatasetError(f"{name}: expected uint8 pixels (0-255), got {array.dtype}")
+    return np.ascontiguousarray(array[..., :3])
+
+
+def prepare_image(source: ImageSource, size: int, stain: StainNormalizer | None = None) -> np.ndarray:
+    """`source` as the model sees it before normalisation: (size, size, 3) uint8, stain-normalised if `stain`."""
+    from_file = isinstance(source, str | Path)
+    image = load_resized(source, size) if from_file else resize_rgb(as_rgb_array(source), size)
+    return stain.normalize(image) if stain is not None else image
+
+
+def channel_tensor(values: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, 3, 1, 1) float32 tensor of per-channel `values` (a mean or a std)."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 (or float 0-255) -> float32 `(x / 255 - mean) / std`; `mean`/`std` are (1, 3, 1, 1)."""
+    return (images.float() / 255.0 - mean.to(images.device)) / std.to(images.device)

@@ -1,0 +1,319 @@
+"""`RunFolder`: the only code that knows a run folder's file names.
+
+runs/<name>/
+  config.yaml            the resolved config (what `--resume` reads back)
+  manifest.csv           the dataset's manifest; splits.csv its train/val/test split; audit.json the split's audit
+  stain.json             the fitted stain normaliser (only when the run normalises stain)
+  model.json             the model card: how to rebuild the network and feed it (name, size, mean/std, classes)
+  best.safetensors       the best epoch's weights alone (no pickle: evaluation and deployment read only these)
+  operating_points.json  decision thresholds chosen on the validation split (written when first needed)
+  checkpoints/           last.ckpt (every epoch, for --resume) and best.ckpt (Lightning's)
+  metrics.csv            one row per epoch; logs/ (CSV logger) and tensorboard/ hold the raw logs
+  training_curves.png, augmentations.png
+  eval/<dataset>-<split>/  one folder per evaluation; eval/shortcuts-<split>/ the shortcut audit
+  baselines/             `blastscan baselines --cnn RUN --out RUN/baselines`, picked up by the report
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blastscan.data.audit import AuditReport
+from blastscan.data.manifest import Manifest, class_targets, patient_ids, read_manifest, write_manifest
+from blastscan.data.splits import SplitResult, read_splits, write_splits
+from blastscan.errors import ConfigError
+from blastscan.models import create
+from blastscan.training.config import TrainConfig, apply_overrides, parse_config
+
+#: What `RunFolder.open` requires by default: enough to score images with the run's model.
+FOR_INFERENCE = ("model_card", "weights")
+#: ... and enough to score the run's own splits (evaluate, audit-shortcuts, baselines --cnn).
+FOR_EVALUATION = ("config", "manifest", "splits", "model_card", "weights")
+
+
+def jsonable(value: Any) -> Any:
+    """NaN -> None and numpy scalars/arrays -> Python, so JSON files are strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """`value` as strict, indented JSON at `path` (parent folders made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(value), indent=2))
+    return path
+
+
+class RunFolder:
+    """A run folder: its paths, and its contents read back or written."""
+
+    CONFIG = "config.yaml"
+    MANIFEST = "manifest.csv"
+    SPLITS = "splits.csv"
+    AUDIT = "audit.json"
+    STAIN = "stain.json"
+    MODEL_CARD = "model.json"
+    WEIGHTS = "best.safetensors"
+    OPERATING_POINTS = "operating_points.json"
+    METRICS = "metrics.csv"
+    CURVES = "training_curves.png"
+    AUGMENTATIONS = "augmentations.png"
+    CHECKPOINTS = "checkpoints"
+    LOGS = "logs"
+    TENSORBOARD = "tensorboard"
+    EVAL = "eval"
+    BASELINES = "baselines"
+
+    _FILES: ClassVar[dict[str, str]] = {
+        "config": CONFIG,
+        "manifest": MANIFEST,
+        "splits": SPLITS,
+        "audit": AUDIT,
+        "model_card": MODEL_CARD,
+        "weights": WEIGHTS,
+    }
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        """The run's name (its folder's name)."""
+        return self.path.name
+
+    @classmethod
+    def create(cls, path: str | Path) -> RunFolder:
+        """A run folder at `path`, made if missing (training fills it)."""
+        run = cls(path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path | RunFolder, need: tuple[str, ...] = FOR_EVALUATION) -> RunFolder:
+        """The run folder at `path`; raises the one "not a run folder" error, naming what is missing.
+
+        `need` lists what must be there: any of config, manifest, splits, audit, model_card, weights."""
+        run = path if isinstance(path, RunFolder) else cls(path)
+        if not run.path.is_dir():
+            raise ConfigError(f"{run.path}: no such run folder; make one with `blastscan train --config`")
+        missing = [cls._FILES[key] for key in need if not (run.path / cls._FILES[key]).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{run.path}: not a finished run folder (missing {', '.join(missing)}); "
+                "train one with `blastscan train --config`, or resume this one with `blastscan train --resume`"
+            )
+        return run
+
+    # ------------------------------------------------------------------------------------------------ paths
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / self.MANIFEST
+
+    @property
+    def splits_path(self) -> Path:
+        return self.path / self.SPLITS
+
+    @property
+    def audit_path(self) -> Path:
+        return self.path / self.AUDIT
+
+    @property
+    def stain_path(self) -> Path:
+        return self.path / self.STAIN
+
+    @property
+    def model_card_path(self) -> Path:
+        return self.path / self.MODEL_CARD
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / self.WEIGHTS
+
+    @property
+    def operating_points_path(self) -> Path:
+        return self.path / self.OPERATING_POINTS
+
+    @property
+    def metrics_path(self) -> Path:
+        """Per-epoch training metrics (written at the end of training)."""
+        return self.path / self.METRICS
+
+    @property
+    def curves_path(self) -> Path:
+        return self.path / self.CURVES
+
+    @property
+    def augmentations_path(self) -> Path:
+        return self.path / self.AUGMENTATIONS
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """Written at every epoch end; what `--resume` continues from."""
+        return self.checkpoints_dir / "last.ckpt"
+
+    @property
+    def eval_root(self) -> Path:
+        return self.path / self.EVAL
+
+    def eval_dir(self, dataset: str, split: str) -> Path:
+        """Where `evaluate` writes the scores of `split` of `dataset`."""
+        return self.eval_root / f"{dataset}-{split}"
+
+    def shortcuts_dir(self, split: str) -> Path:
+        """Where `audit-shortcuts` writes its findings for `split`."""
+        return self.eval_root / f"shortcuts-{split}"
+
+    @property
+    def baselines_dir(self) -> Path:
+        return self.path / self.BASELINES
+
+    def evaluations(self) -> list[Path]:
+        """Every evaluation folder of this run that holds a metrics.json, in name order."""
+        return sorted(p.parent for p in self.eval_root.glob("*/metrics.json"))
+
+    # --------------------------------------------------------------------------------------------- contents
+
+    def config(self, overrides: list[str] | None = None) -> TrainConfig:
+        """The resolved config the run was started with, with optional `key=value` overrides."""
+        path = self.config_path
+        if not path.is_file():
+            raise ConfigError(f"{self.path}: not a run folder (no {self.CONFIG}); start it with `blastscan train`")
+        tree = yaml.safe_load(path.read_text())
+        return parse_config(apply_overrides(tree, overrides or []), source=str(path))
+
+    def manifest(self) -> Manifest:
+        """The manifest the run was trained from."""
+        return read_manifest(self.manifest_path)
+
+    def splits(self, manifest: Manifest | None = None) -> SplitResult:
+        """The run's split, checked against its manifest."""
+        return read_splits(self.splits_path, manifest if manifest is not None else self.manifest())
+
+    def split_names(self, manifest: Manifest | None = None) -> np.ndarray:
+        """Each manifest row's split name ("train", "val", "test")."""
+        return self.splits(manifest).table["split"].astype(str).to_numpy()
+
+    def rows(self, split: str, manifest: Manifest | None = None) -> np.ndarray:
+        """Manifest row indices of `split`; an empty or unknown split raises, naming the splits there are."""
+        names = self.split_names(manifest)
+        rows = np.flatnonzero(names == split)
+        if len(rows) == 0:
+            raise ConfigError(f"{self.path}: the split {split!r} is empty; choose one of {sorted(set(names))}")
+        return rows
+
+    def class_targets(self, manifest: Manifest | None = None) -> np.ndarray:
+        """1 where a manifest row carries the run's positive label, else 0."""
+        manifest = manifest if manifest is not None else self.manifest()
+        return class_targets(manifest, self.config().data.positive_label)
+
+    def patient_ids(self, manifest: Manifest | None = None) -> np.ndarray | None:
+        """Each manifest row's patient ID, or None when the dataset records no patients."""
+        return patient_ids(manifest if manifest is not None else self.manifest())
+
+    def audit(self) -> AuditReport:
+        """The audit of the run's split."""
+        return AuditReport.model_validate_json(self.audit_path.read_text())
+
+    def model_card(self) -> dict[str, Any]:
+        """model.json: name, options, classes, image_size, mean, std, stain normalisation, class counts."""
+        return self._read_json(self.model_card_path)
+
+    def stain_state(self) -> dict[str, Any] | None:
+        """The fitted stain normaliser's state, or None when the run does not normalise stain."""
+        return self._read_json(self.stain_path) if self.stain_path.is_file() else None
+
+    def operating_points(self) -> dict[str, Any] | None:
+        """Thresholds chosen on validation (see `write_operating_points`), or None when not yet written."""
+        if not self.operating_points_path.is_file():
+            return None
+        return self._read_json(self.operating_points_path)
+
+    def load_model(self) -> nn.Module:
+        """The trained network in eval mode, rebuilt from model.json and best.safetensors (nothing is unpickled)."""
+        card = self.model_card()
+        try:
+            model = create(
+                card["name"], pretrained=None, num_classes=int(card["num_classes"]), **card.get("options", {})
+            )
+        except KeyError as exc:
+            raise ConfigError(f"{self.model_card_path}: no {exc} field; the model card is incomplete") from None
+        if not self.weights_path.is_file():
+            raise ConfigError(f"{self.path}: missing {self.WEIGHTS}; is this a finished `blastscan train` run folder?")
+        try:
+            model.load_state_dict(load_file(self.weights_path))
+        except (RuntimeError, SafetensorError) as exc:
+            raise ConfigError(
+                f"{self.weights_path}: the weights cannot be loaded into {card['name']} ({str(exc)[:300]}); "
+                "the file may be damaged or from another run"
+            ) from None
+        return model.eval()
+
+    def _read_json(self, path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{self.path}: missing {path.name}; is this a finished run folder?") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc}); the file is damaged") from None
+
+    # ---------------------------------------------------------------------------------------------- writing
+
+    def write_inputs(
+        self,
+        config: TrainConfig,
+        manifest: Manifest,
+        splits: SplitResult,
+        audit: AuditReport,
+        model_card: dict[str, Any],
+        stain_state: dict[str, Any] | None,
+    ) -> None:
+        """Everything a run is started from: config, manifest, split, audit, model card, stain state."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        write_manifest(manifest, self.manifest_path)
+        write_splits(splits, self.splits_path)
+        self.audit_path.write_text(audit.model_dump_json(indent=2))
+        if stain_state is not None:
+            self.stain_path.write_text(json.dumps(stain_state, indent=2))
+        self.model_card_path.write_text(json.dumps(model_card, indent=2))
+
+    def write_weights(self, model: nn.Module) -> Path:
+        """The network's weights as best.safetensors."""
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(self.weights_path))
+        return self.weights_path
+
+    def write_operating_points(self, points: dict[str, Any]) -> Path:
+        """Validation-chosen thresholds, merged into operating_points.json."""
+        merged = {**(self.operating_points() or {}), **points}
+        return write_json(self.operating_points_path, merged)

@@ -1,0 +1,175 @@
+"""`predict`: score any number of images with a trained run and write one CSV row per image.
+
+Inputs are any mix of image files, folders (searched recursively), glob patterns, lab CSVs (a `path` column,
+relative to the CSV's folder or absolute) and manifests (`blastscan data scan`). Images stream through the
+run's `Predictor` a batch at a time, so memory stays flat however many there are; unreadable images are listed
+(and written to `<out>.skipped.csv`) instead of stopping the run. The call is made at the run's decision threshold
+chosen on its validation split (Youden's J), which is stored in the run's operating_points.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from blastscan.data.images import is_image_file
+from blastscan.data.manifest import read_manifest
+from blastscan.data.scan import is_manifest
+from blastscan.errors import ConfigError, DatasetError
+from blastscan.inference import Predictor
+from blastscan.runs import RunFolder
+from blastscan.workflows.thresholds import ensure_operating_points
+
+#: The first line of a predictions CSV starts with this, followed by JSON: the run, threshold and settings.
+PREDICTIONS_MAGIC = "# blastscan-predictions "
+_GLOB_CHARACTERS = set("*?[")
+
+
+@dataclass
+class PredictResult:
+    """What `predict` wrote: the CSV, how many images were scored and called positive, and what was skipped."""
+
+    out: Path
+    scored: int
+    positive: int
+    threshold: float
+    seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped_file: Path | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _walk_images(folder: Path) -> Iterator[str]:
+    """Image files under `folder`, recursively, in a stable order, without listing everything first."""
+    for current, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(current) / name
+            if is_image_file(path):
+                yield str(path)
+
+
+def _csv_paths(path: Path) -> Iterator[str]:
+    """The image paths of a manifest (absolute, from its root) or of a lab CSV's `path` column."""
+    if is_manifest(path):
+        yield from (str(p) for p in read_manifest(path).absolute_paths())
+        return
+    try:
+        chunks = pd.read_csv(path, usecols=["path"], chunksize=10_000, dtype=str)
+        for chunk in chunks:
+            for value in chunk["path"].fillna(""):
+                image = Path(value)
+                yield str(image if image.is_absolute() else path.parent / image)
+    except ValueError as exc:  # no `path` column
+        raise DatasetError(
+            f"{path}: a CSV input needs a `path` column (or must be a blastscan manifest): {exc}"
+        ) from None
+
+
+def iter_sources(inputs: Sequence[str | Path]) -> Iterator[str]:
+    """Every image path the inputs name, in order: files, folders (recursive), globs, lab CSVs, manifests."""
+    for item in inputs:
+        text = str(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            yield from _walk_images(path)
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            yield from _csv_paths(path)
+        elif path.is_file():
+            yield str(path)
+        elif _GLOB_CHARACTERS & set(text):
+            yield from sorted(p for p in glob.iglob(os.path.expanduser(text), recursive=True) if Path(p).is_file())
+        else:
+            raise DatasetError(f"{text}: no such file, folder or pattern; pass image files, folders, globs or a CSV")
+
+
+def count_sources(inputs: Sequence[str | Path]) -> int:
+    """How many image paths `iter_sources` will yield (a walk over names only; nothing is decoded)."""
+    return sum(1 for _ in iter_sources(inputs))
+
+
+def predict(
+    run_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    device: str = "auto",
+    batch_size: int = 64,
+    tta: bool = False,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> PredictResult:
+    """Score every image `inputs` name with the run's model; write `path, probability, call` rows to `out`.
+
+    The CSV's first line is `# blastscan-predictions {json}`: the run, the model, the threshold and where it came
+    from, and TTA. It is written as `<out>.part` and renamed when complete, so an interrupted run never leaves a
+    file that looks finished. Raises DatasetError when no image could be read (the skipped list is written first).
+    """
+    started = time.perf_counter()
+    run = RunFolder.open(run_dir, need=("model_card", "weights"))
+    predictor = Predictor.from_run(run, device=device, batch_size=batch_size, tta=tta, workers=workers)
+    points = ensure_operating_points(run, predictor, tta=tta)
+    threshold = float(points["threshold"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "run": str(run.path.resolve()),
+        "model": run.model_card().get("name"),
+        "threshold": threshold,
+        "threshold_from": points["chosen_on"],
+        "tta": tta,
+        "positive_label": run.model_card().get("classes", ["", "positive"])[-1],
+        "device": str(predictor.device),
+    }
+    partial = out.with_name(out.name + ".part")
+    failures: list[tuple[str, str]] = []
+    scored = positive = 0
+    with partial.open("w", newline="") as handle:
+        handle.write(PREDICTIONS_MAGIC + json.dumps(header) + "\n")
+        writer = csv.writer(handle)
+        writer.writerow(["path", "probability", "call"])
+        for batch in predictor.stream(iter_sources(inputs)):
+            p = batch.probabilities
+            calls = p >= threshold
+            writer.writerows(
+                (source, f"{prob:.6f}", int(call)) for source, prob, call in zip(batch.sources, p, calls, strict=True)
+            )
+            failures.extend((str(source), reason) for source, reason in batch.failures)
+            scored += len(batch.sources)
+            positive += int(np.count_nonzero(calls))
+            if progress is not None:
+                progress(len(batch.sources) + len(batch.failures))
+    skipped_file = None
+    if failures:
+        skipped_file = out.with_name(out.stem + ".skipped.csv")
+        pd.DataFrame(failures, columns=["path", "reason"]).to_csv(skipped_file, index=False)
+    if scored == 0:
+        partial.unlink()
+        if not failures:
+            raise DatasetError("no images found in " + ", ".join(map(str, inputs)))
+        raise DatasetError(
+            f"none of the {len(failures)} images could be read (first: {failures[0][1]}); see {skipped_file}"
+        )
+    partial.replace(out)
+    return PredictResult(out, scored, positive, threshold, time.perf_counter() - started, failures, skipped_file)
+
+
+def read_predictions(path: str | Path) -> tuple[dict, pd.DataFrame]:
+    """A predictions CSV back: its header (run, threshold, ...) and the table."""
+    path = Path(path)
+    with path.open() as handle:
+        first = handle.readline()
+    if not first.startswith(PREDICTIONS_MAGIC):
+        raise ConfigError(f"{path}: not a blastscan predictions file (no {PREDICTIONS_MAGIC.strip()!r} line)")
+    return json.loads(first[len(PREDICTIONS_MAGIC) :]), pd.read_csv(path, skiprows=1)
