@@ -219,6 +219,8 @@ def evaluate(
     print_metrics(result.metrics, title=f"{run.name} on {result.dataset} ({result.split})")
     if result.tta_metrics:
         print_metrics(result.tta_metrics, title="with test-time augmentation")
+    stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in result.seconds.items())
+    console.print(f"time: {stages}", highlight=False)
     console.print(f"wrote {result.out_dir} (metrics.json, predictions.csv, figures, report.html)", highlight=False)
 
 
@@ -482,7 +484,7 @@ def data_scan(
 @command(data_app, "split")
 def data_split(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV from `blastscan data scan`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Split CSV to write.")] = Path("splits.csv"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Split CSV to write [default: splits.csv].")] = None,
     train: Annotated[float, typer.Option(help="Training fraction.")] = 0.7,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
     test: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
@@ -491,6 +493,9 @@ def data_split(
     root: Annotated[Path | None, typer.Option(help="Dataset root, if it moved since the scan.")] = None,
 ) -> None:
     """Stratified split grouped by patient (or by duplicate cluster when patients are unknown)."""
+    from blastscan.runs import RunFolder  # a split file has one name everywhere: the run folder's
+
+    out = out if out is not None else Path(RunFolder.SPLITS)
     loaded = read_manifest(manifest, root=root)
     with console.status("grouping and splitting"):
         result = make_split(loaded, train=train, val=val, test=test, seed=seed, folds=folds)

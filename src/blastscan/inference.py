@@ -243,6 +243,25 @@ class Predictor:
                 logits = self.model(batch)
         return logits.float()
 
+    @torch.inference_mode()
+    def forward_plain_and_tta(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(plain logits, TTA logits) of a normalised batch in 8 forward passes: the first view is the batch itself."""
+        with self._autocast():
+            views = torch.stack([self.model(view) for view in dihedral_views(batch)]).float()
+        return views[0], views.mean(dim=0)
+
+    def logits_of_rows_with_tta(self, cache: ImageCache, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(plain, TTA) (N, 2) logits of cache rows `rows`, both from one pass over the 8 views."""
+        array = cache.array()
+        plain, tta = [], []
+        for start in range(0, len(rows), self.batch_size):
+            batch = self.to_input(np.ascontiguousarray(array[np.asarray(rows[start : start + self.batch_size])]))
+            one, mean = self.forward_plain_and_tta(batch)
+            plain.append(one.cpu().numpy())
+            tta.append(mean.cpu().numpy())
+        empty = np.zeros((0, 2), dtype=np.float32)
+        return (np.concatenate(plain), np.concatenate(tta)) if plain else (empty, empty)
+
     def logits_prepared(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
         """(N, 2) logits of (N, S, S, 3) prepared uint8 images, in batches."""
         outputs = [

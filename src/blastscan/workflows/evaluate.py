@@ -7,6 +7,9 @@ from a bootstrap over patients whenever patients are known.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,14 +73,47 @@ class EvaluationResult:
     metrics: dict[str, Any]
     tta_metrics: dict[str, Any] | None = None
     figures: dict[str, Path] = field(default_factory=dict)
+    #: Wall-clock seconds per stage: scoring, metrics, figures, explanations, report.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _score(predictor: Predictor, manifest: Manifest, rows: np.ndarray, positive: str, tta: bool, cache_dir) -> Scored:
+class Stopwatch:
+    """Seconds per named stage; `with clock("stage"):` adds the block's time (stages may repeat)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._running: tuple[str, float] | None = None
+
+    def start(self, stage: str) -> None:
+        self._running = (stage, time.perf_counter())
+
+    def stop(self) -> None:
+        if self._running is not None:
+            stage, began = self._running
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - began
+            self._running = None
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        self.start(stage)
+        try:
+            yield
+        finally:
+            self.stop()
+
+
+def _score(
+    predictor: Predictor, manifest: Manifest, rows: np.ndarray, positive: str, tta: bool, cache_dir
+) -> tuple[Scored, Scored | None]:
+    """Plain scores of `rows`, and with `tta` the TTA scores too (one pass: the plain view is one of the 8)."""
     cache = predictor.image_cache(manifest, cache_dir)
     targets = class_targets(manifest, positive)[rows]
     patients = patient_ids(manifest)
-    logits = predictor.logits_of_rows(cache, rows, tta=tta)
-    return Scored(rows, targets, logits, patients[rows] if patients is not None else None)
+    patients = patients[rows] if patients is not None else None
+    if not tta:
+        return Scored(rows, targets, predictor.logits_of_rows(cache, rows), patients), None
+    plain, averaged = predictor.logits_of_rows_with_tta(cache, rows)
+    return Scored(rows, targets, plain, patients), Scored(rows, targets, averaged, patients)
 
 
 def _dataset_name(manifest: Manifest) -> str:
@@ -102,6 +138,7 @@ def evaluate_run(
     With `explain`, the report also gets Grad-CAM overlays of the most confident right and wrong calls and the
     share of CAM energy inside the cell on up to `explain_images` images (see `blastscan.explain`). `device`:
     auto (CUDA, then MPS, then CPU), cpu, cuda or mps."""
+    clock = Stopwatch()
     run = RunFolder.open(run_dir)
     run_dir = run.path
     config = run.config()
@@ -112,7 +149,8 @@ def evaluate_run(
     cache_dir = config.data.cache_dir
 
     val_rows = np.flatnonzero(own_splits == "val")
-    validation = _score(predictor, own, val_rows, positive, False, cache_dir)
+    with clock("scoring"):
+        validation, validation_tta = _score(predictor, own, val_rows, positive, tta, cache_dir)
 
     if data is None:
         manifest, rows = own, run.rows(split, own)
@@ -121,7 +159,8 @@ def evaluate_run(
         manifest = load_or_scan(DataConfig(root=str(data)).resolved_root())
         rows = np.arange(len(manifest))
         dataset, split_name = _dataset_name(manifest), "all"
-    scored = _score(predictor, manifest, rows, positive, False, cache_dir)
+    with clock("scoring"):
+        scored, scored_tta = _score(predictor, manifest, rows, positive, tta, cache_dir)
 
     # Operating points and calibration come from validation only.
     p_val = validation.probability
@@ -132,17 +171,17 @@ def evaluate_run(
 
     out_dir = run.eval_dir(dataset, split_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = _metrics(scored, threshold, threshold_95, temperature, validation, n_boot, seed)
+    with clock("metrics"):
+        metrics = _metrics(scored, threshold, threshold_95, temperature, validation, n_boot, seed)
     metrics.update({"dataset": dataset, "split": split_name, "external": data is not None, "run": str(run_dir)})
-    tta_metrics, scored_tta = None, None
-    if tta:
+    tta_metrics = None
+    if validation_tta is not None and scored_tta is not None:
         # TTA scores have their own distribution: their operating points come from TTA scores on validation.
-        validation_tta = _score(predictor, own, val_rows, positive, True, cache_dir)
-        scored_tta = _score(predictor, manifest, rows, positive, True, cache_dir)
         p_val_tta = validation_tta.probability
         threshold_tta = youden_threshold(validation_tta.targets, p_val_tta)
         threshold_95_tta = threshold_for_specificity(validation_tta.targets, p_val_tta, 0.95)
         record_operating_points(run, True, threshold_tta, threshold_95_tta, len(val_rows))
+        clock.start("metrics")
         tta_metrics = metrics_with_ci(
             scored_tta.targets,
             scored_tta.probability,
@@ -152,15 +191,19 @@ def evaluate_run(
             n_boot,
             seed,
         )
+        clock.stop()
         metrics["tta"] = tta_metrics
-    _write_predictions(out_dir / "predictions.csv", manifest, scored, scored_tta)
-    made = _figures(out_dir, run, scored, metrics, threshold_95)
-    made["errors"] = _error_gallery(out_dir / "confident_errors.png", manifest, scored, metrics["threshold"])
+    with clock("figures"):
+        _write_predictions(out_dir / "predictions.csv", manifest, scored, scored_tta)
+        made = _figures(out_dir, run, scored, metrics, threshold_95)
+        made["errors"] = _error_gallery(out_dir / "confident_errors.png", manifest, scored, metrics["threshold"])
     if explain:
-        made.update(_explanations(out_dir, run, predictor, manifest, scored, metrics, split_name, explain_images))
-    write_json(out_dir / "metrics.json", metrics)
-    made["report"] = write_evaluation_report(out_dir, run, config, metrics, made, dataset, split_name)
-    return EvaluationResult(out_dir, dataset, split_name, metrics, tta_metrics, made)
+        with clock("explanations"):
+            made.update(_explanations(out_dir, run, predictor, manifest, scored, metrics, split_name, explain_images))
+    with clock("report"):
+        write_json(out_dir / "metrics.json", metrics)
+        made["report"] = write_evaluation_report(out_dir, run, config, metrics, made, dataset, split_name)
+    return EvaluationResult(out_dir, dataset, split_name, metrics, tta_metrics, made, clock.seconds)
 
 
 def _explanations(
