@@ -2,7 +2,9 @@
 
 Trains a tiny custom-CNN run on SYNTHETIC cells (seconds), makes folders of N paths (symbolic links to real
 DeepAPL cells from $BLASTSCAN_DATA when present, else to the synthetic cells; nothing is copied), then runs
-`blastscan predict RUN FOLDER` for each N in its own process and reads that process's peak resident memory.
+`blastscan predict RUN FOLDER` for each N in its own process. The process's peak resident memory is reset after
+importing blastscan and torch (Linux `clear_refs`), so the figure is the peak while predicting, beside the resident
+memory just before (mostly torch).
 Writes JSON (default benchmarks/results/predict_memory.json).
 
     python benchmarks/predict_memory.py [--counts 1000 10000]
@@ -26,12 +28,19 @@ from blastscan.workflows.train import train
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _CHILD = """
-import json, resource, sys, time
+import json, re, sys, time
+from pathlib import Path
 from blastscan.workflows.predict import predict
+
+def status_mb(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now: imports are not counted
+before = status_mb("VmRSS")
 start = time.perf_counter()
 result = predict(sys.argv[1], [sys.argv[2]], sys.argv[3], device="cpu")
 print(json.dumps({"scored": result.scored, "seconds": time.perf_counter() - start,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_before_mb": before, "peak_rss_mb": status_mb("VmHWM")}))
 """
 
 
@@ -74,8 +83,9 @@ def main() -> None:
             figures = json.loads(done.stdout.strip().splitlines()[-1])
             figures["img_per_s"] = round(figures["scored"] / figures["seconds"], 1)
             results.append({"paths": count, **figures})
+            peak, before = figures["peak_rss_mb"], figures["rss_before_mb"]
             print(f"{count:>7} paths: {figures['seconds']:.1f} s, {figures['img_per_s']} img/s, "
-                  f"peak RSS {figures['peak_rss_mb']:.0f} MB")  # fmt: skip
+                  f"peak RSS while predicting {peak:.0f} MB ({before:.0f} MB before)")  # fmt: skip
     report = {
         "benchmark": "predict_memory",
         "images": kind,
