@@ -34,7 +34,13 @@ from torch import nn
 from blastscan.data.cache import ImageCache
 from blastscan.data.manifest import Manifest
 from blastscan.errors import BlastscanError, ConfigError, DatasetError
-from blastscan.imaging.preprocess import ImageSource, channel_tensor, normalize_batch, prepare_image
+from blastscan.imaging.preprocess import (
+    ImageSource,
+    channel_tensor,
+    normalize_batch,
+    prepare_image,
+    prepared_cache,
+)
 from blastscan.imaging.stain import stain_method_from_dict
 from blastscan.registry import Registry
 from blastscan.runs import FOR_INFERENCE, RunFolder
@@ -191,18 +197,7 @@ class Predictor:
 
     def image_cache(self, manifest: Manifest, cache_dir: str | Path | None = None, workers: int = 2) -> ImageCache:
         """The (built) image cache of `manifest`'s images prepared for this network: its size, its stain."""
-        if self.stain is None:
-            cache = ImageCache(manifest, size=self.image_size, cache_dir=cache_dir)
-        else:
-            cache = ImageCache(
-                manifest,
-                size=self.image_size,
-                cache_dir=cache_dir,
-                transform=self.stain.normalize,
-                transform_key=self.spec.stain_state,
-            )
-        cache.build(workers=workers)
-        return cache
+        return prepared_cache(manifest, self.image_size, self.stain, self.spec.stain_state, cache_dir, workers)
 
     def logits_of_rows(self, cache: ImageCache, rows: np.ndarray, tta: bool | None = None) -> np.ndarray:
         """(N, 2) logits of cache rows `rows`, read one batch at a time."""

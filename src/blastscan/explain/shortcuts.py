@@ -1,10 +1,11 @@
-"""`shortcut_audit`: does a run's model read the leukocyte, or the slide around it?
+"""The shortcut audit's pieces: does a run's model read the leukocyte, or the slide around it?
 
-Three views of the run's test images are scored with the run's own model: the original images, the cell removed
-(only background left) and the background removed (only the cell left). A background-only probe, a logistic
-regression on colour and texture statistics of the background pixels, is trained on the train split. When the
-background alone predicts the label well, the dataset carries a shortcut (slide, stain batch, illumination) that a
-CNN can learn instead of the morphology.
+`blastscan.workflows.shortcuts.shortcut_audit` runs them over a run's splits. Three views of the run's test images
+are scored with the run's own model: the original images, the cell removed (only background left) and the
+background removed (only the cell left). A background-only probe, a logistic regression on colour and texture
+statistics of the background pixels, is trained on the train split. When the background alone predicts the label
+well, the dataset carries a shortcut (slide, stain batch, illumination) that a CNN can learn instead of the
+morphology.
 
 Cells are found by `blastscan.imaging.segmentation.segment_cell` on a 128-px copy of each source image; the cell
 mask is dilated by `DILATE_PX` (so the cell's halo goes with it) and resized to the model's input size. Images that

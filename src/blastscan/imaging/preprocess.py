@@ -1,9 +1,9 @@
 """What a model is fed, the same in training and inference: one function per step.
 
 1. `prepare_image`: decode (or take an array), resize to the model's square size with Pillow's LANCZOS, and apply
-   the run's stain normalisation when it was trained with one. The image cache stores exactly this (its rows are
-   `load_resized` + the normaliser as the cache transform), so a file scored by `Predictor` and the same file read
-   from a training cache are the same uint8 pixels.
+   the run's stain normalisation when it was trained with one. `prepared_cache` stores exactly this for a whole
+   manifest (rows are `load_resized` + the normaliser as the cache transform); training and `Predictor` both read
+   it, so a file scored by `Predictor` and the same file read from a training cache are the same uint8 pixels.
 2. `normalize_batch`: a (B, 3, H, W) uint8 batch (or float in 0-255) to float32 `(x / 255 - mean) / std`, on
    whatever device the batch is on. `BatchAugment` ends with it when it does not augment.
 """
@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from blastscan.data.cache import ImageCache
 from blastscan.data.images import load_resized, resize_rgb
+from blastscan.data.manifest import Manifest
 from blastscan.errors import DatasetError
 
 #: What `prepare_image` accepts: a file path, an (H, W, 3) uint8 RGB array, or a PIL image.
@@ -50,6 +52,26 @@ def prepare_image(source: ImageSource, size: int, stain: StainNormalizer | None 
     from_file = isinstance(source, str | Path)
     image = load_resized(source, size) if from_file else resize_rgb(as_rgb_array(source), size)
     return stain.normalize(image) if stain is not None else image
+
+
+def prepared_cache(
+    manifest: Manifest,
+    size: int,
+    stain: StainNormalizer | None = None,
+    stain_state: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    workers: int = 2,
+) -> ImageCache:
+    """The built image cache of `manifest` prepared as `prepare_image` does; `stain_state` (the normaliser's
+    `to_dict()`) is part of the cache key, so each fitted normaliser has its own entries."""
+    if stain is None:
+        cache = ImageCache(manifest, size=size, cache_dir=cache_dir)
+    else:
+        cache = ImageCache(
+            manifest, size=size, cache_dir=cache_dir, transform=stain.normalize, transform_key=stain_state
+        )
+    cache.build(workers=workers)
+    return cache
 
 
 def channel_tensor(values: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:

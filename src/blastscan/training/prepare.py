@@ -13,6 +13,7 @@ from blastscan.data.manifest import Manifest, class_targets
 from blastscan.data.scan import load_or_scan
 from blastscan.data.splits import SplitResult, make_split, read_splits
 from blastscan.errors import ConfigError, TrainingError
+from blastscan.imaging.preprocess import prepared_cache
 from blastscan.imaging.stain import create_stain_method, foreground_mask
 from blastscan.training.config import TrainConfig
 
@@ -89,15 +90,11 @@ def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
     _check_classes(targets, rows, config.data.positive_label)
 
     size, cache_dir = config.data.image_size, config.data.cache_dir
-    cache = ImageCache(manifest, size=size, cache_dir=cache_dir)
-    cache.build(workers=workers)
+    cache = prepared_cache(manifest, size, cache_dir=cache_dir, workers=workers)
     stain_state = None
     if config.data.stain_normalization != "none":
         normalizer = create_stain_method(config.data.stain_normalization)
         normalizer.fit(np.asarray(cache[_reference_row(cache, rows["train"])]))
         stain_state = normalizer.to_dict()
-        cache = ImageCache(
-            manifest, size=size, cache_dir=cache_dir, transform=normalizer.normalize, transform_key=stain_state
-        )
-        cache.build(workers=workers)
+        cache = prepared_cache(manifest, size, normalizer, stain_state, cache_dir, workers)
     return PreparedData(manifest, splits, report, targets, rows, cache, stain_state)
