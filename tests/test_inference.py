@@ -4,6 +4,7 @@ unreadable files listed, devices and backends named in errors, and RunFolder's e
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,32 @@ def test_run_folder_errors_name_what_is_missing_or_damaged(stain_run: Path, tmp_
     (broken / RunFolder.WEIGHTS).write_bytes((stain_run / RunFolder.WEIGHTS).read_bytes())
     with pytest.raises(ConfigError, match="'image_size'"):
         Predictor.from_run(broken)
+
+
+def test_damaged_run_files_are_one_line_errors_in_every_command(stain_run: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from blastscan.cli import app
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(stain_run, damaged, ignore=shutil.ignore_patterns("eval", "checkpoints", "logs", "tensorboard"))
+    weights = damaged / RunFolder.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])  # a half-written file
+    image = str(RunFolder(damaged).manifest().absolute_paths()[0])
+    runner = CliRunner()
+    for args in (
+        ["evaluate", str(damaged), "--bootstrap", "10", "--explain-images", "0"],
+        ["explain", str(damaged), image, "--out", str(tmp_path / "x")],
+        ["audit-shortcuts", str(damaged), "--bootstrap", "10"],
+        ["predict", str(damaged), image, "--out", str(tmp_path / "p.csv")],
+    ):
+        result = runner.invoke(app, args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "best.safetensors" in said and "cannot be loaded" in said, (args, said)
+    (damaged / RunFolder.WEIGHTS).write_bytes((stain_run / RunFolder.WEIGHTS).read_bytes())
+    marker = tmp_path / "pwned"
+    (damaged / RunFolder.CONFIG).write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    for args in (["evaluate", str(damaged), "--bootstrap", "10"], ["train", "--resume", str(damaged)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "!!python are refused" in " ".join(result.output.split()), args
+    assert not marker.exists()

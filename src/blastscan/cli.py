@@ -175,7 +175,7 @@ def train(
         loaded = load_config(config, overrides)
     else:
         raise BlastscanError("pass --config configs/<name>.yaml, or --resume runs/<name>")
-    result = train_run(loaded, resume=resume is not None, progress_bar=progress)
+    result = train_run(loaded, resume=resume is not None, progress_bar=progress, run_dir=resume)
     best = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
     stop = "stopped early" if result.stopped_early else "ran all epochs"
     console.print(

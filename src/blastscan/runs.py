@@ -31,7 +31,7 @@ from blastscan.data.manifest import Manifest, class_targets, patient_ids, read_m
 from blastscan.data.splits import SplitResult, read_splits, write_splits
 from blastscan.errors import ConfigError
 from blastscan.models import create
-from blastscan.training.config import TrainConfig, apply_overrides, parse_config
+from blastscan.training.config import TrainConfig, apply_overrides, parse_config, read_config_tree
 
 #: What `RunFolder.open` requires by default: enough to score images with the run's model.
 FOR_INFERENCE = ("model_card", "weights")
@@ -208,8 +208,7 @@ class RunFolder:
         path = self.config_path
         if not path.is_file():
             raise ConfigError(f"{self.path}: not a run folder (no {self.CONFIG}); start it with `blastscan train`")
-        tree = yaml.safe_load(path.read_text())
-        return parse_config(apply_overrides(tree, overrides or []), source=str(path))
+        return parse_config(apply_overrides(read_config_tree(path), overrides or []), source=str(path))
 
     def manifest(self) -> Manifest:
         """The manifest the run was trained from."""

@@ -44,3 +44,25 @@ def test_data_root_expands_blastscan_data(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("BLASTSCAN_DATA", "/somewhere")
     config = parse_config({"name": "x", "data": {"root": "$BLASTSCAN_DATA/ALL_IDB/ALL_IDB2"}})
     assert config.data.resolved_root() == Path("/somewhere/ALL_IDB/ALL_IDB2")
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("trainer.max_epochs=[1, 2", "is not a YAML value"),
+        ("name=!!python/object/apply:os.system ['echo pwned']", "is not a YAML value"),
+    ],
+)
+def test_a_bad_set_value_is_one_clear_error(override: str, said: str) -> None:
+    with pytest.raises(ConfigError, match=said) as caught:
+        apply_overrides({"name": "x"}, [override])
+    assert "--set" in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_a_config_file_with_a_python_tag_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\ndata: {{root: x}}\n")
+    with pytest.raises(ConfigError, match="tags such as !!python are refused"):
+        load_config(config)
+    assert not marker.exists()

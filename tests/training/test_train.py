@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from blastscan.cli import app
 from blastscan.data.scan import scan
 from blastscan.errors import ConfigError, TrainingError
 from blastscan.models import create
@@ -100,6 +104,28 @@ def test_a_killed_run_resumes_to_the_same_end(synthetic_csv: Path, tmp_path: Pat
     assert ends[0]["global_step"] == ends[1]["global_step"]
     for key, value in ends[0]["state_dict"].items():
         torch.testing.assert_close(ends[1]["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    # The record of how the weights were reached survives the resume: every epoch, as in the uninterrupted run.
+    histories = [pd.read_csv(p / "tiny" / "metrics.csv") for p in (tmp_path / "whole", tmp_path / "killed")]
+    assert histories[1]["epoch"].tolist() == histories[0]["epoch"].tolist() == [0, 1, 2]
+    pd.testing.assert_series_equal(histories[1]["val_auroc"], histories[0]["val_auroc"], atol=1e-6)
+    logged = pd.read_csv(tmp_path / "killed" / "tiny" / "logs" / "metrics.csv")
+    assert sorted(logged["epoch"].dropna().unique().astype(int).tolist()) == [0, 1, 2]
+
+
+def test_resume_writes_into_the_folder_it_is_given_and_nowhere_else(synthetic_csv: Path, tmp_path: Path) -> None:
+    config = parse_config(fast_config(synthetic_csv, tmp_path / "runs", trainer__max_epochs=1))
+    original = train(config, progress_bar=False).run_dir
+    copy = tmp_path / "elsewhere" / "tiny_copy"
+    shutil.copytree(original, copy)
+    (original / "checkpoints" / "best.ckpt").unlink()  # the copy must not need anything from the original
+    before = {p: p.read_bytes() for p in original.rglob("*") if p.is_file()}
+    cli = CliRunner().invoke(
+        app, ["train", "--resume", str(copy), "--set", "trainer.max_epochs=2", "--no-progress"]
+    )  # run from a folder that holds a run of the same name (the config's runs_dir/name)
+    assert cli.exit_code == 0, cli.output
+    assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == before  # the original is untouched
+    assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert pd.read_csv(copy / "metrics.csv")["epoch"].tolist() == [0, 1]
 
 
 def test_a_damaged_checkpoint_is_refused_clearly(synthetic_csv: Path, tmp_path: Path) -> None:
@@ -109,6 +135,21 @@ def test_a_damaged_checkpoint_is_refused_clearly(synthetic_csv: Path, tmp_path: 
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(TrainingError, match="cannot be read"):
         train(config, resume=True, progress_bar=False)
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "epoch": 0, "payload": _Payload(marker)}, last)
+    with pytest.raises(TrainingError, match="cannot be read") as caught:
+        train(config, resume=True, progress_bar=False)
+    assert not marker.exists() and "weights_only" not in str(caught.value) and "GLOBAL" in str(caught.value)
+
+
+class _Payload:
+    """Pickles as a call that would create `marker`: proof of whether a load ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
 
 
 def test_nan_loss_stops_the_run(synthetic_csv: Path, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +10,18 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from blastscan.errors import DatasetError
+
+#: The default pixel limit (width x height): 10,000 x 10,000, 300 MB decoded. The largest smear fields here have 5e6
+#: pixels (2592 x 1944); Pillow's own default warns at 8.9e7. Raise it with $BLASTSCAN_MAX_IMAGE_PIXELS.
+MAX_IMAGE_PIXELS = 100_000_000
+#: The environment variable that overrides MAX_IMAGE_PIXELS.
+PIXEL_LIMIT_ENV = "BLASTSCAN_MAX_IMAGE_PIXELS"
+
+# blastscan checks every image's size against its own limit before decoding (`_check_pixels`), so Pillow's global
+# check is turned off: Pillow's limit is a module attribute and its first stage is a warning, and turning that
+# warning into an error with `warnings.catch_warnings()` changes process-wide state, which races between the
+# decoding threads. Set once, at import, never toggled.
+Image.MAX_IMAGE_PIXELS = None
 
 #: File endings the readers treat as images.
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
@@ -29,36 +41,63 @@ class ImageInfo:
     mode: str
 
 
-def _open_decoded(path: Path, target: int | None = None) -> Image.Image:
-    """Open and fully decode `path`; with `target`, let JPEG decode at a reduced scale no smaller than it."""
+def max_image_pixels() -> int:
+    """The largest image (width x height) blastscan decodes: $BLASTSCAN_MAX_IMAGE_PIXELS, default MAX_IMAGE_PIXELS.
+
+    Larger files are refused before any pixel is decoded (a "decompression bomb" can claim gigabytes)."""
+    text = os.environ.get(PIXEL_LIMIT_ENV, "")
+    if not text:
+        return MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            if target is not None and image.format == "JPEG":
-                # DCT-domain downscaling: decodes a 2592x1944 field ~8x faster and still reads every byte,
-                # so a truncated file is still detected.
-                image.draft("RGB", (target, target))
-            image.load()
-        return image
+        limit = int(float(text))
+    except ValueError:
+        raise DatasetError(f"${PIXEL_LIMIT_ENV}={text!r}: not a number of pixels (e.g. 200000000)") from None
+    if limit < 1:
+        raise DatasetError(f"${PIXEL_LIMIT_ENV}={text!r}: must be a positive number of pixels")
+    return limit
+
+
+def _check_pixels(path: Path, image: Image.Image) -> None:
+    limit = max_image_pixels()
+    if image.width * image.height > limit:
+        raise DatasetError(
+            f"{path}: {image.width}x{image.height} = {image.width * image.height:,} pixels is more than the "
+            f"{limit:,} blastscan decodes (a possible decompression bomb); shrink or remove the file, or raise the "
+            f"limit with ${PIXEL_LIMIT_ENV}"
+        )
+
+
+def _open_header(path: Path) -> Image.Image:
+    """`Image.open(path)` (header only) with the pixel limit checked; errors name the file."""
+    try:
+        image = Image.open(path)
     except FileNotFoundError as exc:
         raise DatasetError(f"{path}: file not found; re-scan the dataset or fix the manifest's root") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise DatasetError(
-            f"{path}: cannot decode image ({exc}); replace the file or scan with --skip-bad to leave it out"
-        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: not a readable image ({exc}); replace or remove the file") from exc
+    _check_pixels(path, image)
+    return image
+
+
+def _open_decoded(path: Path, target: int | None = None) -> Image.Image:
+    """Open and fully decode `path`; with `target`, let JPEG decode at a reduced scale no smaller than it."""
+    image = _open_header(path)
+    try:
+        if target is not None and image.format == "JPEG":
+            # DCT-domain downscaling: decodes a 2592x1944 field ~8x faster and still reads every byte,
+            # so a truncated file is still detected.
+            image.draft("RGB", (target, target))
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot decode image ({exc}); replace or remove the file") from exc
 
 
 def inspect_image(path: str | Path) -> ImageInfo:
     """Fully decode `path` (so truncated files are caught) and return its true size and mode."""
     path = Path(path)
-    try:
-        with Image.open(path) as probe:
-            width, height, mode = probe.width, probe.height, probe.mode
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: file not found") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: not a readable image ({exc}); replace it or scan with --skip-bad") from exc
+    with _open_header(path) as probe:
+        width, height, mode = probe.width, probe.height, probe.mode
     _open_decoded(path, target=max(64, min(width, height) // 8))
     return ImageInfo(width=width, height=height, mode=mode)
 

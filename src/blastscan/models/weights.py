@@ -256,20 +256,32 @@ def _torch_load_tensors_only(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
         if found:
             raise ConfigError(
                 f"{path}: refused: it holds a pickled Python object ({found.group(1)}), and unpickling it could run "
                 "code. Re-save only the weights, with torch.save(model.state_dict(), path) or as .safetensors"
             ) from err
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
         raise ConfigError(
             f"{path}: cannot be read as a tensors-only PyTorch file: it is corrupt, not a PyTorch file, or holds "
-            f"Python objects other than tensors ({detail.group(1) if detail else _first_line(err)}). Re-save only "
-            "the weights, with torch.save(model.state_dict(), path) or as .safetensors"
+            f"Python objects other than tensors ({refusal_reason(err)}). Re-save only the weights, with "
+            "torch.save(model.state_dict(), path) or as .safetensors"
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ConfigError(f"{path}: not a readable PyTorch file ({_first_line(err)})") from err
+        raise ConfigError(f"{path}: not a readable PyTorch file ({refusal_reason(err)})") from err
+
+
+def refusal_reason(err: BaseException) -> str:
+    """What `torch.load(..., weights_only=True)` objected to, without torch's advice to switch the protection off
+    (`weights_only=False` would unpickle, and so run, whatever the file holds)."""
+    text = str(err)
+    for pattern in (r"WeightsUnpickler error:\s*(.+)", r"([Uu]nsupported (?:global: )?GLOBAL \S+)"):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(1).strip()
+    advice = ("weights_only", "Weights only load failed", "documentation of torch.load", "trusted source")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not any(a in line for a in advice)]
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

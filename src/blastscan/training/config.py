@@ -161,7 +161,34 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set trainer.max_epochs=5")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--set {key.strip()}: {raw!r} is not a YAML value ({_first_line(exc)}); quote strings, e.g. "
+                f"--set '{key.strip()}=\"text\"'"
+            ) from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _first_line(exc: yaml.YAMLError) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
+def read_config_tree(path: str | Path) -> dict[str, Any]:
+    """A config YAML file as a tree, read with `yaml.safe_load` (no tags that build Python objects); errors name it."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file; see configs/ for examples") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"{path}: not valid YAML for blastscan ({_first_line(exc)}); tags such as !!python are refused"
+        ) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return tree
 
 
@@ -184,13 +211,5 @@ def parse_config(tree: dict[str, Any], source: str = "config") -> TrainConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config, apply `--set` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; see configs/ for examples")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    tree = read_config_tree(path)
     return parse_config(apply_overrides(tree, overrides or []), source=str(path))

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -17,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from blastscan.errors import ConfigError, TrainingError
 from blastscan.imaging.augment import save_augmentation_grid
 from blastscan.models import preprocessing_for, unfreeze
+from blastscan.models.weights import refusal_reason
 from blastscan.runs import RunFolder
 from blastscan.training.config import TrainConfig
 from blastscan.training.data import CellDataModule
@@ -24,6 +26,9 @@ from blastscan.training.losses import balanced_sample_weights
 from blastscan.training.module import CellClassifier
 from blastscan.training.plots import save_training_curves
 from blastscan.training.prepare import PreparedData, prepare_data
+
+#: The file Lightning's CSVLogger writes in its log folder (run/logs/).
+_LIGHTNING_METRICS = "metrics.csv"
 
 
 @dataclass
@@ -79,7 +84,7 @@ def _write_run_outputs(run: RunFolder, module: CellClassifier, best_path: str, l
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     run.write_weights(module.model)
-    metrics_file = log_dir / "metrics.csv"  # Lightning's CSVLogger's own file name
+    metrics_file = log_dir / _LIGHTNING_METRICS
     if metrics_file.is_file():
         save_training_curves(metrics_file, run.metrics_path, run.curves_path)
 
@@ -89,9 +94,11 @@ def train(
     resume: bool = False,
     progress_bar: bool = True,
     extra_callbacks: list[Callback] | None = None,
+    run_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Train `config` into `runs_dir/name`; with `resume`, continue from that folder's last checkpoint."""
-    run = RunFolder(run_dir_for(config))
+    """Train `config` into `run_dir` (default `runs_dir/name`); with `resume`, continue from that folder's last
+    checkpoint. Resuming writes into that folder and nowhere else, and keeps the epochs logged before."""
+    run = RunFolder(run_dir if run_dir is not None else run_dir_for(config))
     run_dir = run.path
     last = run.last_checkpoint
     if resume and not last.is_file():
@@ -145,6 +152,8 @@ def train(
         callbacks.append(RichProgressBar())
     callbacks.extend(extra_callbacks or [])
     csv_logger = CSVLogger(run_dir, name=RunFolder.LOGS, version="")
+    # Lightning's CSVLogger deletes its metrics file when it starts; a resumed run keeps the epochs before it.
+    earlier_log = _read_log(Path(csv_logger.log_dir)) if resume else None
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=trainer_cfg.max_epochs,
@@ -169,18 +178,42 @@ def train(
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None, weights_only=True)
-    _write_run_outputs(run, module, checkpoint.best_model_path, Path(csv_logger.log_dir))
+    if earlier_log is not None:
+        _merge_log(Path(csv_logger.log_dir), earlier_log)
+    best_path = checkpoint.best_model_path
+    if best_path and Path(best_path).parent.resolve() != run.checkpoints_dir.resolve():
+        # A moved or copied run: the checkpoint remembers the folder it was first written in. Read this run's own.
+        best_path = str(run.checkpoints_dir / Path(best_path).name)
+    _write_run_outputs(run, module, best_path, Path(csv_logger.log_dir))
     stopper = next(c for c in callbacks if isinstance(c, EarlyStopping))
     best = checkpoint.best_model_score
     return TrainResult(
         run_dir=run_dir,
         epochs=trainer.current_epoch,
-        best_epoch=_best_epoch(checkpoint.best_model_path),
+        best_epoch=_best_epoch(best_path),
         best_score=float(best) if best is not None else None,
         monitor=trainer_cfg.monitor,
         stopped_early=stopper.stopped_epoch > 0,
         world_size=trainer.world_size,
     )
+
+
+def _read_log(log_dir: Path) -> pd.DataFrame | None:
+    path = log_dir / _LIGHTNING_METRICS
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size > 0 else None
+
+
+@rank_zero_only
+def _merge_log(log_dir: Path, earlier: pd.DataFrame) -> None:
+    """Put back the rows logged before a resume: those of epochs before the first epoch the resumed run logged
+    (rows of an epoch cut short by the interruption are dropped; the resumed run repeats that epoch)."""
+    path = log_dir / _LIGHTNING_METRICS
+    later = _read_log(log_dir)
+    if later is None or "epoch" not in later or "epoch" not in earlier:
+        merged = earlier if later is None else later
+    else:
+        merged = pd.concat([earlier[earlier["epoch"] < later["epoch"].min()], later], ignore_index=True)
+    merged.to_csv(path, index=False)
 
 
 def _check_checkpoint(path: Path) -> None:
@@ -189,7 +222,7 @@ def _check_checkpoint(path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated / corrupt / pickled-code files
         raise TrainingError(
-            f"{path}: the checkpoint cannot be read ({type(exc).__name__}: {str(exc)[:200]}); delete it to start "
+            f"{path}: the checkpoint cannot be read ({type(exc).__name__}: {refusal_reason(exc)}); delete it to start "
             "the run over, or copy checkpoints/best.ckpt to last.ckpt to resume from the best epoch"
         ) from None
     if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
