@@ -172,3 +172,15 @@ def test_damaged_run_files_are_one_line_errors_in_every_command(stain_run: Path,
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and "!!python are refused" in " ".join(result.output.split()), args
     assert not marker.exists()
+
+
+def test_explain_names_an_unreadable_image_without_advice_for_another_command(stain_run: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from blastscan.cli import app
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = CliRunner().invoke(app, ["explain", str(stain_run), str(broken), "--out", str(tmp_path / "x")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "broken.png" in said and "--skip-bad" not in said, said
