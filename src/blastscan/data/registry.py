@@ -57,6 +57,10 @@ class DatasetReader(ABC):
         """The folder that `rows`' paths are relative to (the manifest's root); `located` unless overridden."""
         return located
 
+    def explain_miss(self, root: Path) -> str | None:
+        """When `locate(root)` found nothing but the layout is nearly there: a sentence saying what is missing."""
+        return None
+
 
 #: Every dataset reader, by its `--format` name; each module under `blastscan/data/readers/` registers its
 #: reader classes with `@READERS.register(name)`, and `blastscan.data` imports them all.
@@ -87,6 +91,9 @@ def detect_format(root: Path) -> tuple[DatasetReader, Path]:
     generic = [(r, loc) for r in readers if r.generic and (loc := r.locate(root)) is not None]
     if generic:
         return generic[0]
+    hints = [hint for r in readers if (hint := r.explain_miss(root))]
+    if hints:
+        raise DatasetError(f"{root}: no known dataset layout found: {'; '.join(hints)}")
     raise DatasetError(
         f"{root}: no known dataset layout found. Expected one of: "
         + "; ".join(f"{r.name}: {r.description}" for r in readers)

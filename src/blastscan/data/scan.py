@@ -71,7 +71,9 @@ def scan(
         reader = get_reader(format)
         located = reader.locate(root)
         if located is None:
-            raise DatasetError(f"{root}: does not look like the {reader.name} layout ({reader.description})")
+            hint = reader.explain_miss(root)
+            why = f": {hint}" if hint else f" ({reader.description})"
+            raise DatasetError(f"{root}: does not look like the {reader.name} layout{why}")
     result_notes: list[str] = []
     rows = reader.rows(located, options, result_notes)
     image_root = reader.image_root(located, options)

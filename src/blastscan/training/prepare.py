@@ -71,6 +71,41 @@ def _reference_row(cache: ImageCache, rows: np.ndarray, limit: int = 64) -> int:
     return int(sample[np.argmin(np.linalg.norm(colours_array - median, axis=1))])
 
 
+def _drop_label_conflicts(
+    config: TrainConfig, manifest: Manifest, splits: SplitResult, report: AuditReport
+) -> tuple[Manifest, SplitResult]:
+    """Without `data.drop_label_conflicts`, refuse a manifest where one image carries two labels; with it, the
+    manifest and split without every row of such an image (which label is right cannot be known)."""
+    conflicts = report.label_conflicts
+    named = "; ".join(f"{c.first} and {c.second} ({c.kind}, distance {c.distance:g})" for c in conflicts[:5])
+    more = f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+    # getattr: the option is read the same way whether or not this config schema declares it.
+    if not getattr(config.data, "drop_label_conflicts", False):
+        raise TrainingError(
+            f"{len(conflicts)} pair(s) of duplicate images carry different labels, so the run would learn both "
+            f"answers for one picture: {named}{more}. Fix the labels (see `blastscan data audit`), or set "
+            "data.drop_label_conflicts: true to leave these images out"
+        )
+    dropped = sorted({c.first for c in conflicts} | {c.second for c in conflicts})
+    keep = ~manifest.table["path"].astype(str).isin(dropped).to_numpy()
+    reduced = Manifest(
+        table=manifest.table[keep].reset_index(drop=True),
+        root=manifest.root,
+        format=manifest.format,
+        metadata={**manifest.metadata, "dropped_label_conflicts": dropped},
+    )
+    if config.data.splits:
+        kept_splits = SplitResult(
+            table=splits.table[keep].reset_index(drop=True),
+            metadata={**splits.metadata, "rows": int(keep.sum()), "dropped_label_conflicts": dropped},
+            warnings=splits.warnings,
+        )
+    else:
+        split_cfg = config.data.split
+        kept_splits = make_split(reduced, split_cfg.train, split_cfg.val, split_cfg.test, seed=split_cfg.seed)
+    return reduced, kept_splits
+
+
 def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
     """Load or scan the dataset, load or make the split, audit it (a leak stops the run), fill the cache."""
     manifest = load_or_scan(config.data.resolved_root(), config.data.format)
@@ -80,6 +115,14 @@ def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
     else:
         splits = make_split(manifest, split_cfg.train, split_cfg.val, split_cfg.test, seed=split_cfg.seed)
     report = audit(manifest, splits)
+    if report.label_conflicts:
+        manifest, splits = _drop_label_conflicts(config, manifest, splits, report)
+        dropped = manifest.metadata["dropped_label_conflicts"]
+        report = audit(manifest, splits)
+        report.notes.append(
+            f"left out {len(dropped)} image(s) whose duplicates carry another label (data.drop_label_conflicts): "
+            + ", ".join(dropped)
+        )
     if report.leaks:
         raise TrainingError(
             f"the split leaks ({len(report.patient_leaks)} patient(s) and {len(report.duplicate_leaks)} duplicate "

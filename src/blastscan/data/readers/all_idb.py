@@ -11,6 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from blastscan.data.listing import one_row_per_file
 from blastscan.data.manifest import LEUKEMIC, NORMAL
 from blastscan.data.registry import READERS, DatasetReader, ReaderOptions
 from blastscan.errors import DatasetError
@@ -23,6 +26,21 @@ def _labelled_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if _NAME.match(p.name) and p.suffix.lower() in suffixes)
+
+
+def _note_unnamed(folder: Path, suffixes: tuple[str, ...], notes: list[str]) -> None:
+    """A note naming the picture files in `folder` (any type Pillow knows) that the reader leaves out."""
+    pictures = set(Image.registered_extensions())
+    read = set(_labelled_files(folder, suffixes))
+    left_out = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in pictures and not p.name.startswith(".") and p not in read and p.is_file()
+    )
+    if left_out:
+        more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+        named = ", ".join(p.name for p in left_out[:5]) + more
+        notes.append(f"left out {len(left_out)} picture file(s) not named ImXXX_Y{suffixes[0]}: {named}")
 
 
 def _first_with_files(root: Path, subfolders: tuple[str, ...], suffixes: tuple[str, ...]) -> Path | None:
@@ -54,8 +72,9 @@ class AllIdb2Reader(DatasetReader):
             match = _NAME.match(path.name)
             assert match is not None  # _labelled_files only returns matching names
             rows.append(_row(path, match, self.name))
+        _note_unnamed(located, (".tif", ".tiff"), notes)
         notes.append("ALL-IDB2 records no patients: splits will be image-level, with duplicates grouped")
-        return rows
+        return one_row_per_file(rows, located, notes)
 
 
 @READERS.register("all-idb1")
@@ -85,8 +104,9 @@ class AllIdb1Reader(DatasetReader):
                     "blast_centroids": json.dumps(centroids) if centroids is not None else None,
                 }
             )
+        _note_unnamed(located, (".jpg", ".jpeg"), notes)
         notes.append("ALL-IDB1 records no patients: splits will be image-level, with duplicates grouped")
-        return rows
+        return one_row_per_file(rows, located, notes)
 
 
 def _read_centroids(path: Path) -> list[list[int]] | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from blastscan.data.listing import one_row_per_file
 from blastscan.data.manifest import LEUKEMIC, NORMAL
 from blastscan.data.registry import READERS, DatasetReader, ReaderOptions
 from blastscan.errors import DatasetError
@@ -83,7 +84,7 @@ class CnmcReader(DatasetReader):
                 f"left out {len(skipped)} file(s) not named UID_<subject>_<image>_<cell>_<all|hem>.bmp, "
                 f"e.g. {skipped[0]}"
             )
-        return rows
+        return one_row_per_file(rows, located, notes)
 
     def _renamed_rows(self, located: Path, options: ReaderOptions, notes: list[str]) -> list[dict[str, Any]]:
         csv_path = options.labels_csv or _labels_csv_near(located)

@@ -7,12 +7,13 @@ configurable mapping onto the binary task; the patient's diagnosis is kept in `d
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from blastscan.data.images import is_image_file
+from blastscan.data.listing import list_folder, one_row_per_file, real_path, skipped_note
 from blastscan.data.manifest import LEUKEMIC, NORMAL
 from blastscan.data.registry import READERS, DatasetReader, ReaderOptions
 from blastscan.errors import DatasetError
@@ -50,7 +51,11 @@ _MASTER_COLUMNS = {
 
 @READERS.register("deepapl")
 class DeepAplReader(DatasetReader):
-    """DeepAPL: cells per patient and cell type, with the patient's AML/APL diagnosis."""
+    """DeepAPL: cells per patient and cell type, with the patient's AML/APL diagnosis.
+
+    A cell-type folder that is a link is not followed (it would show one type's cells under another's label), files
+    of other types are left out with a note, and one file reached under two labels is refused (`data/listing.py`).
+    """
 
     name = "deepapl"
     description = "DeepAPL Data/master.csv + Data/All/Patient_NN/.../Signed slides/<cell type>/*.jpg"
@@ -69,6 +74,8 @@ class DeepAplReader(DatasetReader):
         patients = _read_master(located / "master.csv")
         rows: list[dict[str, Any]] = []
         excluded: dict[str, int] = {}
+        skipped: list[tuple[Path, str]] = []
+        dataset_folders = [real_path(located)]
         for patient_dir in sorted(p for p in (located / "All").iterdir() if p.is_dir()):
             patient = patients.get(patient_dir.name)
             if patient is None:
@@ -79,11 +86,17 @@ class DeepAplReader(DatasetReader):
             for signed in sorted(patient_dir.rglob("Signed slides")):
                 slide = signed.parent.relative_to(patient_dir).as_posix()
                 for cell_dir in sorted(p for p in signed.iterdir() if p.is_dir()):
+                    if cell_dir.is_symlink():
+                        # A linked cell-type folder could show one type's cells under another type's label.
+                        skipped.append((cell_dir, f"a link to a folder ({os.readlink(cell_dir)}), not followed"))
+                        continue
                     label = mapping.get(cell_dir.name)
-                    images = [p for p in sorted(cell_dir.iterdir()) if is_image_file(p)]
+                    listing = list_folder(cell_dir, dataset_folders)
+                    images = listing.images
                     if label is None or label == EXCLUDE:
                         excluded[cell_dir.name] = excluded.get(cell_dir.name, 0) + len(images)
                         continue
+                    skipped += listing.skipped
                     rows.extend(
                         {
                             "path": image.relative_to(located).as_posix(),
@@ -99,7 +112,10 @@ class DeepAplReader(DatasetReader):
         if excluded:
             listed = ", ".join(f"{k} ({v})" for k, v in sorted(excluded.items()))
             notes.append(f"left out {sum(excluded.values())} cells of unmapped or excluded types: {listed}")
-        return rows
+        note = skipped_note(skipped, located)
+        if note:
+            notes.append(note)
+        return one_row_per_file(rows, located, notes)
 
 
 def _read_master(path: Path) -> dict[str, dict[str, Any]]:
