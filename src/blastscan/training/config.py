@@ -58,6 +58,11 @@ class DataConfig(_Strict):
         description=f"Normalise every image to a reference training image before caching: one of "
         f"{', '.join(STAIN_METHODS.names())}.",
     )
+    drop_label_conflicts: bool = Field(
+        False,
+        description="Leave out every image whose exact or near duplicate carries another label (the audit's label "
+        "conflicts) instead of refusing to train.",
+    )
     cache_dir: str | None = None
 
     @field_validator("format")
