@@ -6,6 +6,7 @@ sides of it. `audit(...).leaks` is what the CLI turns into a non-zero exit.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -140,11 +141,11 @@ def audit(
         dataset=manifest.format,
         class_counts=manifest.class_counts(),
         patients=int(table["patient_id"].nunique()) if manifest.has_patients else None,
-        image_sizes={k: sizes.count(k) for k in sorted(set(sizes), key=sizes.count, reverse=True)},
+        image_sizes=dict(Counter(sizes).most_common()),
         image_modes={str(k): int(v) for k, v in modes.items()},
         unreadable=unreadable,
         duplicates=findings,
-        duplicate_clusters=len({c for c in clusters if clusters.count(c) > 1}),
+        duplicate_clusters=sum(size > 1 for size in Counter(clusters).values()),
         near_threshold=near_threshold,
         overlap_checked=overlap_checked,
     )

@@ -6,7 +6,9 @@ Three checks, from cheap to thorough:
   shifted crops of one cell), confirmed by comparing fine detail: the correlation of high-pass-filtered 128 px
   greyscale images after aligning them by phase correlation. A 64-bit hash sees only "a dark disc in the middle",
   so different centred cells often pass it; their fine detail does not match (measured: hash-only pairs of
-  different cells correlate <= 0.32 on DeepAPL and <= 0.62 on synthetic cells; true pairs on ALL-IDB2 >= 0.86);
+  different cells correlate <= 0.32 on DeepAPL and <= 0.62 on synthetic cells; true pairs on ALL-IDB2 >= 0.86).
+  The pairs within the threshold are found by multi-index hashing (`hamming_pairs`): exactly the pairs that
+  comparing every pair finds, in memory that grows linearly with the number of images;
 - overlap: ORB keypoints matched under a similarity transform with RANSAC, for smear fields, where one field can be
   a zoomed or shifted view of another (ALL-IDB1 has such pairs; a global hash does not see them).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,10 +123,153 @@ def fingerprints(
     return threaded_map(fingerprint, paths, workers, progress)
 
 
-def _hamming_matrix_rows(hashes: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Hamming distances between hashes[start:stop] and all hashes, as uint8 (stop-start, N)."""
-    xor = hashes[start:stop, None] ^ hashes[None, :]
-    return np.unpackbits(xor.view(np.uint8).reshape((*xor.shape, 8)), axis=-1).sum(axis=-1, dtype=np.uint8)
+#: Largest chunk of the hash that multi-index hashing buckets directly (a table of 2**22 offsets, 32 MB).
+_MAX_CHUNK_BITS = 22
+#: Candidate pairs (or matrix cells) compared at once: bounds the working memory at a few hundred MB.
+_BLOCK = 1 << 21
+# Rough seconds per unit of work, measured on one core with numpy 2: one probe of one hash; one candidate pair
+# gathered and compared; one cell of the exhaustive distance matrix; the fixed cost of one probe pass; one bucket.
+_COST_PROBE, _COST_CANDIDATE, _COST_CELL, _COST_PASS, _COST_TABLE = 2.6e-8, 1.9e-8, 2.5e-9, 1e-4, 5e-9
+
+
+def _popcount_swar(values: np.ndarray) -> np.ndarray:
+    """Number of set bits of each uint64, as uint8, by bit arithmetic (for numpy < 2, which lacks bitwise_count)."""
+    v = values - ((values >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    v = (v & np.uint64(0x3333333333333333)) + ((v >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    v = (v + (v >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return ((v * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.uint8)
+
+
+_popcount: Callable[[np.ndarray], np.ndarray] = getattr(np, "bitwise_count", _popcount_swar)
+
+
+def _flip_masks(width: int, radius: int) -> list[int]:
+    """Every `width`-bit mask with at most `radius` bits set, 0 first."""
+    return [sum(1 << b for b in bits) for k in range(radius + 1) for bits in itertools.combinations(range(width), k)]
+
+
+def _index_plan(n: int, max_distance: int) -> tuple[tuple[int, int, int], ...]:
+    """Chunks (shift, width, radius) of the 64-bit hash for multi-index hashing, the cheapest for `n` hashes.
+
+    Pigeonhole: if two hashes differ in at most `max_distance` bits and the hash is cut into m chunks with radii
+    summing to at least max_distance - m + 1, then in some chunk they differ in at most that chunk's radius bits
+    (otherwise they would differ in at least sum(radius + 1) > max_distance bits).
+    """
+    fewest = -(-64 // _MAX_CHUNK_BITS)  # chunks, so that each fits a bucket table
+    best: tuple[float, tuple[tuple[int, int, int], ...]] | None = None
+    for m in range(fewest, max(fewest, min(max_distance + 1, 64)) + 1):
+        widths = [64 // m + (k < 64 % m) for k in range(m)]
+        spare = max(0, max_distance - m + 1)
+        radii = [min(w, spare // m + (k < spare % m)) for k, w in enumerate(widths)]
+        if sum(radii) < spare:
+            continue
+        plan = tuple(zip([sum(widths[:k]) for k in range(m)], widths, radii, strict=True))
+        cost = _plan_cost(n, plan)
+        if best is None or cost < best[0]:
+            best = (cost, plan)
+    assert best is not None  # m = fewest always qualifies
+    return best[1]
+
+
+def _plan_cost(n: int, plan: Sequence[tuple[int, int, int]]) -> float:
+    """Estimated seconds of `_index_pairs` on `n` uniformly random hashes."""
+    cost = 0.0
+    for _, w, r in plan:
+        probes = sum(math.comb(w, k) for k in range(r + 1))
+        cost += 2**w * _COST_TABLE + probes * (_COST_PASS + n * _COST_PROBE + n * n / 2 / 2**w * _COST_CANDIDATE)
+    return cost
+
+
+def _index_pairs(
+    hashes: np.ndarray, max_distance: int, plan: Sequence[tuple[int, int, int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-index hashing: for each chunk, bucket the hashes by its value, probe every bucket within the chunk's
+    radius, and keep candidates within `max_distance` bits; a pair is kept only at the first chunk that finds it."""
+    n = len(hashes)
+    rows = np.arange(n, dtype=np.int64)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for chunk, (shift, width, radius) in enumerate(plan):
+        keys = ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+        members = np.argsort(keys, kind="stable")  # row numbers, grouped by bucket
+        offsets = np.zeros((1 << width) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(keys, minlength=1 << width), out=offsets[1:])
+        for mask in _flip_masks(width, radius):
+            # A pair whose chunks differ by `mask` is probed once: from the row with 0 in mask's top bit (or, for
+            # mask 0, from both rows, keeping first < second below).
+            queries = rows if mask == 0 else np.flatnonzero((keys & (1 << (mask.bit_length() - 1))) == 0)
+            probed = keys[queries] ^ mask
+            starts = offsets[probed]
+            counts = offsets[probed + 1] - starts
+            hit = counts > 0
+            queries, starts, counts = queries[hit], starts[hit], counts[hit]
+            ends = np.cumsum(counts)
+            pieces = np.searchsorted(ends, np.arange(_BLOCK, ends[-1], _BLOCK)) + 1 if len(ends) else []
+            for q, s, c in zip(*(np.split(a, pieces) for a in (queries, starts, counts)), strict=True):
+                if not len(q):
+                    continue
+                before = np.cumsum(c) - c
+                first = np.repeat(q, c)
+                second = members[np.repeat(s - before, c) + np.arange(int(before[-1] + c[-1]))]
+                if mask == 0:
+                    keep = second > first
+                    first, second = first[keep], second[keep]
+                xor = hashes[first] ^ hashes[second]
+                keep = _popcount(xor) <= max_distance
+                for earlier_shift, earlier_width, earlier_radius in plan[:chunk]:
+                    part = (xor >> np.uint64(earlier_shift)) & np.uint64((1 << earlier_width) - 1)
+                    keep &= _popcount(part) > earlier_radius
+                if keep.any():
+                    first, second = first[keep], second[keep]
+                    found.append((np.minimum(first, second), np.maximum(first, second), _popcount(xor[keep])))
+    return _sorted_pairs(found)
+
+
+def _exhaustive_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair compared, a block of rows at a time against the rows after them."""
+    n = len(hashes)
+    block = max(1, _BLOCK // max(n, 1))
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for start in range(0, n - 1, block):
+        stop = min(start + block, n - 1)
+        distances = _popcount(hashes[start:stop, None] ^ hashes[None, start + 1 :])
+        r, c = np.nonzero(distances <= max_distance)
+        keep = c >= r  # column c is row start + 1 + c: after row start + r
+        r, c = r[keep], c[keep]
+        found.append((r + start, c + start + 1, distances[r, c]))
+    return _sorted_pairs(found)
+
+
+def _sorted_pairs(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not found:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8)
+    first, second, distance = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    order = np.lexsort((second, first))
+    return first[order].astype(np.int64), second[order].astype(np.int64), distance[order].astype(np.uint8)
+
+
+def hamming_pairs(
+    hashes: np.ndarray, max_distance: int, method: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of 64-bit hashes that differ in at most `max_distance` bits: row arrays `first < second` and the
+    distances, sorted by (first, second).
+
+    `method`: "index" (multi-index hashing: the hash cut into chunks, rows bucketed by each chunk's value, only
+    rows in nearby buckets compared; see `_index_plan`), "exhaustive" (every pair, a block at a time) or "auto",
+    whichever a cost estimate says is faster. All give exactly the same pairs, in memory linear in len(hashes)
+    (plus the pairs found).
+    """
+    if method not in ("auto", "index", "exhaustive"):
+        raise ValueError(f"method must be 'auto', 'index' or 'exhaustive', not {method!r}")
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    if n < 2 or max_distance < 0:
+        return _sorted_pairs([])
+    if method == "exhaustive" or max_distance >= 64:
+        return _exhaustive_pairs(hashes, max_distance)
+    plan = _index_plan(n, max_distance)
+    if method == "auto" and n * (n - 1) / 2 * _COST_CELL < _plan_cost(n, plan):
+        return _exhaustive_pairs(hashes, max_distance)
+    return _index_pairs(hashes, max_distance, plan)
 
 
 def hash_duplicate_pairs(
@@ -133,22 +279,14 @@ def hash_duplicate_pairs(
 ) -> list[DuplicatePair]:
     """Exact pairs (same bytes or same pixels), and near pairs: pHash distance <= `near_threshold` and
     aligned fine-detail correlation >= `min_correlation`."""
-    hashes = np.array([p.phash for p in prints], dtype=np.uint64)
+    hashes = np.fromiter((p.phash for p in prints), dtype=np.uint64, count=len(prints))
     pairs: list[DuplicatePair] = []
-    block = 512  # keeps the (block, N) distance matrix small for DeepAPL-sized manifests
-    for start in range(0, len(hashes), block):
-        stop = min(start + block, len(hashes))
-        distances = _hamming_matrix_rows(hashes, start, stop)
-        rows, cols = np.nonzero(distances <= near_threshold)
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            i = start + r
-            if c <= i:
-                continue
-            same = prints[i].file_sha256 == prints[c].file_sha256 or prints[i].pixel_sha256 == prints[c].pixel_sha256
-            if same:
-                pairs.append(DuplicatePair(i, c, "exact", float(distances[r, c])))
-            elif detail_correlation(prints[i].path, prints[c].path) >= min_correlation:
-                pairs.append(DuplicatePair(i, c, "near", float(distances[r, c])))
+    for i, c, distance in zip(*(a.tolist() for a in hamming_pairs(hashes, near_threshold)), strict=True):
+        same = prints[i].file_sha256 == prints[c].file_sha256 or prints[i].pixel_sha256 == prints[c].pixel_sha256
+        if same:
+            pairs.append(DuplicatePair(i, c, "exact", float(distance)))
+        elif detail_correlation(prints[i].path, prints[c].path) >= min_correlation:
+            pairs.append(DuplicatePair(i, c, "near", float(distance)))
     return pairs
 
 
