@@ -67,6 +67,11 @@ def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[.
     return decorate
 
 
+def say(text: str) -> None:
+    """A progress line from a long-running workflow."""
+    console.print(f"[bold]>[/] {text}", highlight=False)
+
+
 #: `--device` on every command that runs a model.
 DeviceOption = Annotated[
     str, typer.Option(help="Where the model runs: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.")
@@ -110,7 +115,7 @@ def demo(
         console.print(
             "[bold yellow]SYNTHETIC DATA[/]: procedurally drawn cells, not patients; pass --data for real data"
         )
-    result = run_demo(out, data=data, seed=seed, epochs=epochs, stage=lambda text: console.print(f"[bold]>[/] {text}"))
+    result = run_demo(out, data=data, seed=seed, epochs=epochs, stage=say)
     console.print(
         f"{result.images} images: " + ", ".join(f"{k}: {v}" for k, v in result.class_counts.items()), highlight=False
     )
@@ -261,7 +266,7 @@ def crossval(
         load_config(config, list(set_ or [])),
         folds=folds,
         n_boot=bootstrap,
-        log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        log=say,
         device=device,
     )
     table = Table(title=f"{folds}-fold cross-validation")
@@ -295,7 +300,7 @@ def transfer(
         test_on,
         variants=variant or ["plain"],
         n_boot=bootstrap,
-        log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        log=say,
         device=device,
     )
     console.print((result.out_dir / "transfer.md").read_text(), highlight=False)
@@ -342,7 +347,7 @@ def baselines(
         cnn_run=cnn,
         image_size=image_size,
         n_boot=bootstrap,
-        log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        log=say,
         device=device,
     )
     console.print(result.markdown.read_text(), highlight=False)
@@ -442,7 +447,7 @@ def audit_shortcuts(
         split=split,
         out_dir=out,
         n_boot=bootstrap,
-        log=lambda text: console.print(f"[bold]>[/] {text}", highlight=False),
+        log=say,
         device=device,
     )
     console.print(report.files["markdown"].read_text(), highlight=False)

@@ -128,6 +128,12 @@ def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
     return views
 
 
+def _raise_failures(failures: list[tuple[Any, str]]) -> None:
+    """For callers that want every image scored: the first reasons as one DatasetError."""
+    if failures:
+        raise DatasetError("; ".join(reason for _, reason in failures[:5]))
+
+
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
@@ -199,13 +205,15 @@ class Predictor:
         """The (built) image cache of `manifest`'s images prepared for this network: its size, its stain."""
         return prepared_cache(manifest, self.image_size, self.stain, self.spec.stain_state, cache_dir, workers)
 
+    def _row_batches(self, cache: ImageCache, rows: np.ndarray) -> Iterator[torch.Tensor]:
+        """Normalised input batches of cache rows `rows`, read from the memory map one batch at a time."""
+        array = cache.array()
+        for start in range(0, len(rows), self.batch_size):
+            yield self.to_input(np.ascontiguousarray(array[np.asarray(rows[start : start + self.batch_size])]))
+
     def logits_of_rows(self, cache: ImageCache, rows: np.ndarray, tta: bool | None = None) -> np.ndarray:
         """(N, 2) logits of cache rows `rows`, read one batch at a time."""
-        array = cache.array()
-        outputs = [
-            self.logits_prepared(array[np.asarray(rows[start : start + self.batch_size])], tta)
-            for start in range(0, len(rows), self.batch_size)
-        ]
+        outputs = [self.forward(batch, tta).cpu().numpy() for batch in self._row_batches(cache, rows)]
         return np.concatenate(outputs) if outputs else np.zeros((0, 2), dtype=np.float32)
 
     def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -230,13 +238,10 @@ class Predictor:
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
         """Logits of a normalised batch; with TTA, the mean logits over the 8 dihedral views."""
-        tta = self.tta if tta is None else tta
+        if self.tta if tta is None else tta:
+            return self.forward_plain_and_tta(batch)[1]
         with self._autocast():
-            if tta:
-                logits = torch.stack([self.model(view) for view in dihedral_views(batch)]).float().mean(dim=0)
-            else:
-                logits = self.model(batch)
-        return logits.float()
+            return self.model(batch).float()
 
     @torch.inference_mode()
     def forward_plain_and_tta(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,15 +252,12 @@ class Predictor:
 
     def logits_of_rows_with_tta(self, cache: ImageCache, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(plain, TTA) (N, 2) logits of cache rows `rows`, both from one pass over the 8 views."""
-        array = cache.array()
-        plain, tta = [], []
-        for start in range(0, len(rows), self.batch_size):
-            batch = self.to_input(np.ascontiguousarray(array[np.asarray(rows[start : start + self.batch_size])]))
+        plain, tta = [np.zeros((0, 2), dtype=np.float32)], [np.zeros((0, 2), dtype=np.float32)]
+        for batch in self._row_batches(cache, rows):
             one, mean = self.forward_plain_and_tta(batch)
             plain.append(one.cpu().numpy())
             tta.append(mean.cpu().numpy())
-        empty = np.zeros((0, 2), dtype=np.float32)
-        return (np.concatenate(plain), np.concatenate(tta)) if plain else (empty, empty)
+        return np.concatenate(plain), np.concatenate(tta)
 
     def logits_prepared(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
         """(N, 2) logits of (N, S, S, 3) prepared uint8 images, in batches."""
@@ -340,8 +342,7 @@ class Predictor:
     def _all(self, sources: Sequence[Any] | Iterable[Any], tta: bool | None) -> np.ndarray:
         logits = []
         for batch in self.stream(sources, tta):
-            if batch.failures:
-                raise DatasetError("; ".join(reason for _, reason in batch.failures[:5]))
+            _raise_failures(batch.failures)
             logits.append(batch.logits)
         return np.concatenate(logits) if logits else np.zeros((0, 2), dtype=np.float32)
 
@@ -357,8 +358,7 @@ class Predictor:
         """(N, D) pooled penultimate features of images (paths, arrays or PIL images)."""
         outputs = []
         for _, prepared, failures in self.prepared_batches(images):
-            if failures:
-                raise DatasetError("; ".join(reason for _, reason in failures[:5]))
+            _raise_failures(failures)
             outputs.append(self.embed_prepared(prepared))
         return np.concatenate(outputs) if outputs else self.embed_prepared(np.zeros((0, 1, 1, 3), dtype=np.uint8))
 

@@ -79,7 +79,6 @@ def _drop_label_conflicts(
     conflicts = report.label_conflicts
     named = "; ".join(f"{c.first} and {c.second} ({c.kind}, distance {c.distance:g})" for c in conflicts[:5])
     more = f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
-    # getattr: the option is read the same way whether or not this config schema declares it.
     if not config.data.drop_label_conflicts:
         raise TrainingError(
             f"{len(conflicts)} pair(s) of duplicate images carry different labels, so the run would learn both "

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from blastscan import __version__
+from blastscan.data.cache import ImageCache
 from blastscan.data.images import load_rgb, resize_rgb
 from blastscan.data.manifest import Manifest, class_targets, patient_ids
 from blastscan.data.scan import load_or_scan
@@ -82,31 +83,20 @@ class Stopwatch:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._running: tuple[str, float] | None = None
-
-    def start(self, stage: str) -> None:
-        self._running = (stage, time.perf_counter())
-
-    def stop(self) -> None:
-        if self._running is not None:
-            stage, began = self._running
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - began
-            self._running = None
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
-        self.start(stage)
+        began = time.perf_counter()
         try:
             yield
         finally:
-            self.stop()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - began
 
 
 def _score(
-    predictor: Predictor, manifest: Manifest, rows: np.ndarray, positive: str, tta: bool, cache_dir
+    predictor: Predictor, manifest: Manifest, cache: ImageCache, rows: np.ndarray, positive: str, tta: bool
 ) -> tuple[Scored, Scored | None]:
     """Plain scores of `rows`, and with `tta` the TTA scores too (one pass: the plain view is one of the 8)."""
-    cache = predictor.image_cache(manifest, cache_dir)
     targets = class_targets(manifest, positive)[rows]
     patients = patient_ids(manifest)
     patients = patients[rows] if patients is not None else None
@@ -150,7 +140,8 @@ def evaluate_run(
 
     val_rows = np.flatnonzero(own_splits == "val")
     with clock("scoring"):
-        validation, validation_tta = _score(predictor, own, val_rows, positive, tta, cache_dir)
+        own_cache = predictor.image_cache(own, cache_dir)
+        validation, validation_tta = _score(predictor, own, own_cache, val_rows, positive, tta)
 
     if data is None:
         manifest, rows = own, run.rows(split, own)
@@ -160,7 +151,8 @@ def evaluate_run(
         rows = np.arange(len(manifest))
         dataset, split_name = _dataset_name(manifest), "all"
     with clock("scoring"):
-        scored, scored_tta = _score(predictor, manifest, rows, positive, tta, cache_dir)
+        cache = own_cache if manifest is own else predictor.image_cache(manifest, cache_dir)
+        scored, scored_tta = _score(predictor, manifest, cache, rows, positive, tta)
 
     # Operating points and calibration come from validation only.
     p_val = validation.probability
@@ -181,17 +173,16 @@ def evaluate_run(
         threshold_tta = youden_threshold(validation_tta.targets, p_val_tta)
         threshold_95_tta = threshold_for_specificity(validation_tta.targets, p_val_tta, 0.95)
         record_operating_points(run, True, threshold_tta, threshold_95_tta, len(val_rows))
-        clock.start("metrics")
-        tta_metrics = metrics_with_ci(
-            scored_tta.targets,
-            scored_tta.probability,
-            threshold_tta,
-            threshold_95_tta,
-            scored_tta.patients,
-            n_boot,
-            seed,
-        )
-        clock.stop()
+        with clock("metrics"):
+            tta_metrics = metrics_with_ci(
+                scored_tta.targets,
+                scored_tta.probability,
+                threshold_tta,
+                threshold_95_tta,
+                scored_tta.patients,
+                n_boot,
+                seed,
+            )
         metrics["tta"] = tta_metrics
     with clock("figures"):
         _write_predictions(out_dir / "predictions.csv", manifest, scored, scored_tta)

@@ -123,13 +123,14 @@ def predict(
     threshold = float(points["threshold"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    card = run.model_card()
     header = {
         "run": str(run.path.resolve()),
-        "model": run.model_card().get("name"),
+        "model": card.get("name"),
         "threshold": threshold,
         "threshold_from": points["chosen_on"],
         "tta": tta,
-        "positive_label": run.model_card().get("classes", ["", "positive"])[-1],
+        "positive_label": card.get("classes", ["", "positive"])[-1],
         "device": str(predictor.device),
     }
     partial = out.with_name(out.name + ".part")
