@@ -1,0 +1,191 @@
+"""Reading a whole smear field: find every leukocyte, score each with a trained classifier, count, call the smear.
+
+`FieldAnalyzer(predictor, framing, cell_threshold, smear_threshold).analyze(image)` finds the leukocytes
+(`blastscan.smear.find`), cuts each out framed as the classifier's training images were (`blastscan.smear.framing`),
+scores all of a field's cells in one batch with the `Predictor`, and counts. The blast percentage counts only cells
+wholly inside the field (a cell cut by the border is scored and listed, flagged, but a hematologist would not count
+half a cell); its 95% interval is Wilson's (`scipy.stats.binomtest`). The smear is called `leukemic` when the blast
+share reaches `smear_threshold` (chosen on validation fields by `blastscan evaluate-fields`; the default is the
+20% blast share of the WHO criterion for acute leukaemia).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+
+from blastscan.inference import Predictor
+from blastscan.smear.find import FieldFinding, find_leukocytes
+from blastscan.smear.framing import Framing, crop_cells
+
+__all__ = ["DEFAULT_SMEAR_THRESHOLD", "FieldAnalysis", "FieldAnalyzer", "ScoredCell", "SmearCall"]
+
+#: Blast share of the leukocytes at or above which a smear is called leukemic when no validated threshold is given.
+DEFAULT_SMEAR_THRESHOLD = 0.2
+
+
+@dataclass(frozen=True)
+class ScoredCell:
+    """One leukocyte of a field with its blast probability and call (field pixels; box ends exclusive)."""
+
+    id: int
+    x: float
+    y: float
+    box: tuple[int, int, int, int]
+    area: int
+    diameter: float
+    probability: float
+    blast: bool
+    touches_border: bool
+    detection_score: float
+
+    def row(self) -> dict[str, Any]:
+        """The cells.csv row."""
+        x0, y0, x1, y1 = self.box
+        return {
+            "id": self.id,
+            "x": round(self.x, 1),
+            "y": round(self.y, 1),
+            "x0": x0,
+            "y0": y0,
+            "x1": x1,
+            "y1": y1,
+            "area": self.area,
+            "diameter": round(self.diameter, 1),
+            "probability": round(self.probability, 6),
+            "call": "blast" if self.blast else "other",
+            "touches_border": self.touches_border,
+            "detection_score": round(self.detection_score, 4),
+        }
+
+
+@dataclass(frozen=True)
+class SmearCall:
+    """The field's count and call: complete leukocytes, blasts among them, the share with its Wilson interval."""
+
+    leukocytes: int
+    blasts: int
+    border_cells: int
+    blast_share: float | None
+    blast_share_ci: tuple[float, float] | None
+    smear_threshold: float
+    call: str
+
+    @classmethod
+    def of(cls, cells: tuple[ScoredCell, ...], smear_threshold: float) -> SmearCall:
+        """Count the complete cells of a field and call it."""
+        complete = [c for c in cells if not c.touches_border]
+        blasts = sum(c.blast for c in complete)
+        if not complete:
+            return cls(0, 0, len(cells), None, None, smear_threshold, "no leukocytes found")
+        share = blasts / len(complete)
+        interval = binomtest(blasts, len(complete)).proportion_ci(confidence_level=0.95, method="wilson")
+        call = "leukemic" if share >= smear_threshold else "not leukemic"
+        return cls(
+            len(complete),
+            blasts,
+            len(cells) - len(complete),
+            share,
+            (float(interval.low), float(interval.high)),
+            smear_threshold,
+            call,
+        )
+
+
+@dataclass
+class FieldAnalysis:
+    """Everything `analyze` learned about one field; `crops` are the prepared network inputs, in cell order."""
+
+    width: int
+    height: int
+    red_cell_diameter: float
+    cells: tuple[ScoredCell, ...]
+    smear: SmearCall
+    cell_threshold: float
+    note: str
+    crops: np.ndarray = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary of the field (no pixels)."""
+        smear = self.smear
+        return {
+            "width": self.width,
+            "height": self.height,
+            "red_cell_diameter_px": round(self.red_cell_diameter, 1),
+            "cells_found": len(self.cells),
+            "leukocytes_counted": smear.leukocytes,
+            "border_cells": smear.border_cells,
+            "blasts": smear.blasts,
+            "blast_percentage": None if smear.blast_share is None else round(100 * smear.blast_share, 2),
+            "blast_percentage_ci95": None
+            if smear.blast_share_ci is None
+            else [round(100 * v, 2) for v in smear.blast_share_ci],
+            "cell_threshold": self.cell_threshold,
+            "smear_threshold_percentage": round(100 * smear.smear_threshold, 2),
+            "smear_call": smear.call,
+            "note": self.note,
+        }
+
+
+class FieldAnalyzer:
+    """Finds, frames, scores and counts the leukocytes of smear fields with one `Predictor`."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        framing: Framing,
+        cell_threshold: float,
+        smear_threshold: float = DEFAULT_SMEAR_THRESHOLD,
+        red_cell_diameter: float | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.framing = framing
+        self.cell_threshold = float(cell_threshold)
+        self.smear_threshold = float(smear_threshold)
+        self.red_cell_diameter = red_cell_diameter
+
+    def prepared_crops(self, image: np.ndarray, finding: FieldFinding) -> np.ndarray:
+        """(N, S, S, 3) uint8 network inputs of the found cells, framed like the training images."""
+        size = self.predictor.image_size
+        if not finding.cells:
+            return np.zeros((0, size, size, 3), dtype=np.uint8)
+        crops = crop_cells(
+            image,
+            [c.centroid for c in finding.cells],
+            [self.framing.crop_side(c.diameter) for c in finding.cells],
+        )
+        return np.stack([self.predictor.prepare(crop) for crop in crops])
+
+    def analyze(self, image: np.ndarray) -> FieldAnalysis:
+        """Find, score and count the leukocytes of one (H, W, 3) uint8 RGB field."""
+        finding = find_leukocytes(image, self.red_cell_diameter)
+        crops = self.prepared_crops(image, finding)
+        probabilities = self.predictor.predict_prepared(crops) if len(crops) else np.zeros(0)
+        cells = tuple(
+            ScoredCell(
+                id=i + 1,
+                x=float(c.centroid[0]),
+                y=float(c.centroid[1]),
+                box=c.box,
+                area=c.area,
+                diameter=c.diameter,
+                probability=float(p),
+                blast=bool(p >= self.cell_threshold),
+                touches_border=c.touches_border,
+                detection_score=c.score,
+            )
+            for i, (c, p) in enumerate(zip(finding.cells, probabilities, strict=True))
+        )
+        return FieldAnalysis(
+            width=finding.width,
+            height=finding.height,
+            red_cell_diameter=finding.red_cell_diameter,
+            cells=cells,
+            smear=SmearCall.of(cells, self.smear_threshold),
+            cell_threshold=self.cell_threshold,
+            note=finding.note,
+            crops=crops,
+        )
