@@ -431,6 +431,82 @@ def predict(
     )
 
 
+@command(app)
+def analyze(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
+    fields: Annotated[list[str], typer.Argument(help="Smear field images, folders (recursive) or globs.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per field).")] = Path(
+        "fields"
+    ),
+    device: DeviceOption = "auto",
+    cell_threshold: Annotated[
+        float | None, typer.Option(help="Blast probability threshold (default: the run's validation-chosen one).")
+    ] = None,
+    smear_threshold: Annotated[
+        float, typer.Option(help="Blast share (0-1) at which a smear is called leukemic (see evaluate-fields).")
+    ] = 0.2,
+    red_cell_diameter: Annotated[
+        float | None, typer.Option(help="Red-cell diameter in pixels, when known (default: measured per field).")
+    ] = None,
+) -> None:
+    """Find every leukocyte in smear fields, score each, count blasts and call each smear."""
+    from blastscan.workflows.analyze import analyze as run_analyze
+    from blastscan.workflows.predict import count_sources
+
+    total = count_sources(fields)
+    with Progress(
+        TextColumn("analysing fields"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("fields", total=total)
+        result = run_analyze(
+            run, fields, out, device=device, cell_threshold=cell_threshold, smear_threshold=smear_threshold,
+            red_cell_diameter=red_cell_diameter, progress=lambda n: bar.advance(task, n),
+        )  # fmt: skip
+    for path, reason in result.failures:
+        err_console.print(f"[yellow]unreadable[/] {path}: {reason}", highlight=False, soft_wrap=True)
+    for row in result.rows:
+        share = "-" if row["blast_percentage"] is None else f"{row['blast_percentage']:.1f}%"
+        console.print(
+            f"{row['field']}: {row['leukocytes_counted']} leukocytes, {row['blasts']} blasts ({share}) -> "
+            f"{row['smear_call']}",
+            highlight=False,
+        )
+    console.print(
+        f"wrote {result.out} ({len(result.rows)} field(s), {len(result.failures)} unreadable; index.html, "
+        f"summary.csv) in {result.seconds:.1f} s",
+        highlight=False,
+    )
+
+
+@command(app, "evaluate-fields")
+def evaluate_fields(
+    data: Annotated[Path, typer.Argument(help="ALL-IDB1 or BCCD folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("field-eval"),
+    run: Annotated[Path | None, typer.Option(help="A run: also score blast finding and the smear call.")] = None,
+    only_unseen: Annotated[
+        bool, typer.Option(help="Evaluate only the fields the run's training crops were not cut from.")
+    ] = False,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for the smear threshold.")] = 5,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    device: DeviceOption = "auto",
+) -> None:
+    """Score leukocyte detection (ALL-IDB1 centroids, BCCD boxes) and, with a run, blast and smear calls."""
+    from blastscan.workflows.evaluate_fields import evaluate_fields as run_evaluate_fields
+
+    with Progress(
+        TextColumn("evaluating fields"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("fields", total=None)
+        result = run_evaluate_fields(
+            data, out, run, device=device, only_unseen=only_unseen, folds=folds, n_boot=bootstrap,
+            progress=lambda n: bar.advance(task, n),
+        )  # fmt: skip
+    console.print(json.dumps(result.metrics, indent=2, default=str), highlight=False)
+    console.print(f"wrote {result.files['metrics']} and {result.files['fields']}", highlight=False)
+
+
 @command(app, "audit-shortcuts")
 def audit_shortcuts(
     run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],

@@ -57,6 +57,11 @@ BLUISH_CUE = 0.04
 LOBE_GAP = 0.12
 #: A nucleus smaller than this (red-cell areas) is a platelet, a granule or stain debris, not a leukocyte.
 MIN_NUCLEUS_AREA = 0.16
+#: Nucleus pieces smaller than this (red-cell areas) are lobes or platelets, never a whole nucleus on their own.
+LOBE_MAX_AREA = 0.3
+#: Lobes this close (RBC) to each other or to a nucleus belong to one cell (eosinophil/neutrophil lobes at high
+#: magnification lie up to ~0.35 red-cell diameters apart).
+LOBE_REACH = 0.4
 #: Specks smaller than this (red-cell areas) are dropped before grouping lobes.
 MIN_PIECE_AREA = 0.015
 #: A nucleus core at least this deep (RBC, the distance to the nucleus edge) is one cell's: two such cores in one
@@ -111,7 +116,7 @@ class FieldFinding:
         return float(np.median(inside)) if inside else 1.5 * self.red_cell_diameter
 
 
-def _resize(image: np.ndarray, factor: float) -> np.ndarray:
+def resize_field(image: np.ndarray, factor: float) -> np.ndarray:
     if abs(factor - 1.0) < 1e-3:
         return image
     h, w = image.shape[:2]
@@ -137,7 +142,7 @@ def _single_red_cells(stained: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     """Equivalent diameters (thumbnail pixels) of the stained blobs that look like one whole red cell: convex,
     round, clear of the border and of nucleus-coloured pixels, their pallor filled."""
     cue = (pixels[..., 2] - pixels[..., 1]) / (pixels.sum(axis=2) + 1.0)
-    red = stained & ~_disk_dilate(cue > NUCLEUS_MIN_CUE, 2)
+    red = stained & ~disk_dilate(cue > NUCLEUS_MIN_CUE, 2)
     diameters = []
     for region in regionprops(label_regions(red)):
         r0, c0, r1, c1 = region.bbox
@@ -157,7 +162,7 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float | None:
     """
     h, w = image.shape[:2]
     factor = min(1.0, SCALE_SIDE / max(h, w))
-    small = _resize(image, factor).astype(np.float64)
+    small = resize_field(image, factor).astype(np.float64)
     od = ndi.gaussian_filter(_optical_density(small).sum(axis=2), 1.0)
     if float(od.max() - od.min()) < 0.05:
         return None
@@ -178,7 +183,7 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float | None:
     return 2.0 * _weighted_median(radius[usable], area[usable]) / factor
 
 
-def _disk_dilate(mask: np.ndarray, radius: float) -> np.ndarray:
+def disk_dilate(mask: np.ndarray, radius: float) -> np.ndarray:
     return ndi.distance_transform_edt(~mask) <= radius if mask.any() else mask.copy()
 
 
@@ -203,15 +208,42 @@ def _nuclei(pixels: np.ndarray, rbc: float) -> tuple[np.ndarray, float]:
     mask = ndi.binary_opening(cue > threshold)
     rbc_area = math.pi / 4 * rbc**2
     mask = ndi.binary_fill_holes(_remove_small(mask, MIN_PIECE_AREA * rbc_area))
-    groups, n = ndi.label(_disk_dilate(mask, LOBE_GAP * rbc / 2))
+    groups, n = ndi.label(disk_dilate(mask, LOBE_GAP * rbc / 2))
     groups = groups * mask
     if n == 0:
         return groups, threshold
     areas = np.bincount(groups.ravel(), minlength=n + 1)
+    small = areas < LOBE_MAX_AREA * rbc_area
+    small[0] = False
+    # Deep separate nuclei (blasts, lymphocytes) are split where they touch; small pieces (a neutrophil's or an
+    # eosinophil's lobes, which can lie far apart at high magnification) then join what lies within LOBE_REACH.
+    groups = _split_touching(np.where(small[groups], 0, groups), rbc)
+    return _join_lobes(groups, mask & (groups == 0), rbc, rbc_area), threshold
+
+
+def _join_lobes(groups: np.ndarray, lobes: np.ndarray, rbc: float, rbc_area: float) -> np.ndarray:
+    """Join small nucleus pieces to each other and to a nucleus within `LOBE_REACH`; keep leukocyte-sized ones."""
+    joined, _ = ndi.label(disk_dilate(lobes | (groups > 0), LOBE_REACH * rbc / 2))
+    # Each joined region takes the label of the nucleus it contains (or a new one); two split nuclei stay apart.
+    result = groups.copy()
+    offset = int(groups.max())
+    lobe_owner = joined * lobes
+    for region in np.unique(lobe_owner[lobe_owner > 0]):
+        inside = joined == region
+        owners = np.unique(groups[inside & (groups > 0)])
+        if owners.size == 1:
+            result[inside & lobes] = owners[0]
+        elif owners.size == 0:
+            offset += 1
+            result[inside & lobes] = offset
+    areas = np.bincount(result.ravel())
     big = areas >= MIN_NUCLEUS_AREA * rbc_area
     big[0] = False
-    groups = np.where(big[groups], groups, 0)
-    return _split_touching(groups, rbc), threshold
+    result = np.where(big[result], result, 0)
+    unique = np.unique(result)
+    lookup = np.zeros(int(result.max()) + 1, dtype=np.int32)
+    lookup[unique] = np.arange(unique.size)
+    return lookup[result]
 
 
 def _split_touching(groups: np.ndarray, rbc: float) -> np.ndarray:
@@ -291,7 +323,7 @@ def find_leukocytes(image: np.ndarray, red_cell_diameter: float | None = None) -
     if rbc_field is None:
         measured, rbc_field = False, DEFAULT_RBC
     factor = min(1.0, WORKING_RBC / rbc_field)
-    pixels = ndi.gaussian_filter(_resize(image, factor).astype(np.float64), sigma=(1, 1, 0))
+    pixels = ndi.gaussian_filter(resize_field(image, factor).astype(np.float64), sigma=(1, 1, 0))
     rbc = rbc_field * factor
     nuclei, threshold = _nuclei(pixels, rbc)
     cells = _cells(pixels, nuclei, rbc) if nuclei.any() else nuclei
