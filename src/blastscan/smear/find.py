@@ -57,18 +57,13 @@ BLUISH_CUE = 0.04
 LOBE_GAP = 0.12
 #: A nucleus smaller than this (red-cell areas) is a platelet, a granule or stain debris, not a leukocyte.
 MIN_NUCLEUS_AREA = 0.16
-#: Nucleus pieces smaller than this (red-cell areas) are lobes or platelets, never a whole nucleus on their own.
-LOBE_MAX_AREA = 0.3
-#: Lobes this close (RBC) to each other or to a nucleus belong to one cell (eosinophil/neutrophil lobes at high
-#: magnification lie up to ~0.35 red-cell diameters apart).
-LOBE_REACH = 0.4
 #: Specks smaller than this (red-cell areas) are dropped before grouping lobes.
 MIN_PIECE_AREA = 0.015
 #: A nucleus core at least this deep (RBC, the distance to the nucleus edge) is one cell's: two such cores in one
 #: nucleus mean two touching cells. Lymphocyte and blast nuclei are ~0.3-0.45 deep; neutrophil lobes ~0.12.
 CORE_DEPTH = 0.22
 #: Two cores closer than this (RBC) are one cell's.
-CORE_SEPARATION = 0.3
+CORE_SEPARATION = 0.45
 #: The cell reaches at most this far (RBC) beyond its nucleus.
 MAX_CYTOPLASM = 0.45
 #: Pixels whose OD blue share exceeds max(Otsu, this) are red-cell coloured (see imaging.segmentation).
@@ -213,37 +208,10 @@ def _nuclei(pixels: np.ndarray, rbc: float) -> tuple[np.ndarray, float]:
     if n == 0:
         return groups, threshold
     areas = np.bincount(groups.ravel(), minlength=n + 1)
-    small = areas < LOBE_MAX_AREA * rbc_area
-    small[0] = False
-    # Deep separate nuclei (blasts, lymphocytes) are split where they touch; small pieces (a neutrophil's or an
-    # eosinophil's lobes, which can lie far apart at high magnification) then join what lies within LOBE_REACH.
-    groups = _split_touching(np.where(small[groups], 0, groups), rbc)
-    return _join_lobes(groups, mask & (groups == 0), rbc, rbc_area), threshold
-
-
-def _join_lobes(groups: np.ndarray, lobes: np.ndarray, rbc: float, rbc_area: float) -> np.ndarray:
-    """Join small nucleus pieces to each other and to a nucleus within `LOBE_REACH`; keep leukocyte-sized ones."""
-    joined, _ = ndi.label(disk_dilate(lobes | (groups > 0), LOBE_REACH * rbc / 2))
-    # Each joined region takes the label of the nucleus it contains (or a new one); two split nuclei stay apart.
-    result = groups.copy()
-    offset = int(groups.max())
-    lobe_owner = joined * lobes
-    for region in np.unique(lobe_owner[lobe_owner > 0]):
-        inside = joined == region
-        owners = np.unique(groups[inside & (groups > 0)])
-        if owners.size == 1:
-            result[inside & lobes] = owners[0]
-        elif owners.size == 0:
-            offset += 1
-            result[inside & lobes] = offset
-    areas = np.bincount(result.ravel())
     big = areas >= MIN_NUCLEUS_AREA * rbc_area
     big[0] = False
-    result = np.where(big[result], result, 0)
-    unique = np.unique(result)
-    lookup = np.zeros(int(result.max()) + 1, dtype=np.int32)
-    lookup[unique] = np.arange(unique.size)
-    return lookup[result]
+    groups = np.where(big[groups], groups, 0)
+    return _split_touching(groups, rbc), threshold
 
 
 def _split_touching(groups: np.ndarray, rbc: float) -> np.ndarray:
@@ -270,7 +238,8 @@ def _split_touching(groups: np.ndarray, rbc: float) -> np.ndarray:
     pieces = watershed(-depth, markers, mask=region)
     result = np.where(region, 0, groups)
     offset = int(groups.max())
-    result[region] = pieces[region] + offset
+    # Pixels no core's flood reached stay background (adding the offset to them would alias an existing label).
+    result[region] = np.where(pieces[region] > 0, pieces[region] + offset, 0)
     # Keep labels compact (1..n) after the split.
     unique = np.unique(result)
     lookup = np.zeros(int(result.max()) + 1, dtype=np.int32)

@@ -30,7 +30,7 @@ from blastscan.data.images import load_rgb
 from blastscan.data.manifest import LEUKEMIC
 from blastscan.data.scan import scan
 from blastscan.errors import ConfigError, DatasetError
-from blastscan.evaluation.metrics import bootstrap_ci, metrics_with_ci
+from blastscan.evaluation.metrics import metrics_with_ci
 from blastscan.runs import RunFolder, write_json
 from blastscan.smear.analysis import FieldAnalyzer
 from blastscan.smear.detection_metrics import average_precision, match_centroids
@@ -105,7 +105,7 @@ def _smear_level(shares: np.ndarray, labels: np.ndarray, groups: np.ndarray, fol
     keep = ("accuracy", "recall", "specificity", "precision", "confusion_matrix", "ci", "ci_method")
     out = {k: result[k] for k in keep}
     out["roc_auc_blast_share"] = auroc["roc_auc"]
-    out["roc_auc_ci"] = list(bootstrap_ci(labels, shares, "roc_auc", groups=groups, n_boot=n_boot))
+    out["roc_auc_ci"] = auroc["ci"]["roc_auc"]
     out.update(folds=folds, fold_thresholds=thresholds, fields=len(shares), groups=len(np.unique(groups)))
     return out
 
