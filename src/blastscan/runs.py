@@ -4,6 +4,7 @@ runs/<name>/
   config.yaml            the resolved config (what `--resume` reads back)
   manifest.csv           the dataset's manifest; splits.csv its train/val/test split; audit.json the split's audit
   stain.json             the fitted stain normaliser (only when the run normalises stain)
+  crop_sources.csv       the ALL-IDB1 field each training crop was cut from (only with data.leave_out_fields)
   model.json             the model card: how to rebuild the network and feed it (name, size, mean/std, classes)
   best.safetensors       the best epoch's weights alone (no pickle: evaluation and deployment read only these)
   operating_points.json  decision thresholds chosen on the validation split (written when first needed)
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blastscan.data.audit import AuditReport
+from blastscan.data.crop_sources import CropSource, crop_sources_csv, read_crop_sources
 from blastscan.data.manifest import Manifest, class_targets, patient_ids, read_manifest, write_manifest
 from blastscan.data.splits import SplitResult, read_splits, write_splits
 from blastscan.errors import ConfigError
@@ -70,6 +72,7 @@ class RunFolder:
     SPLITS = "splits.csv"
     AUDIT = "audit.json"
     STAIN = "stain.json"
+    CROP_SOURCES = "crop_sources.csv"
     MODEL_CARD = "model.json"
     WEIGHTS = "best.safetensors"
     OPERATING_POINTS = "operating_points.json"
@@ -146,6 +149,10 @@ class RunFolder:
     @property
     def stain_path(self) -> Path:
         return self.path / self.STAIN
+
+    @property
+    def crop_sources_path(self) -> Path:
+        return self.path / self.CROP_SOURCES
 
     @property
     def model_card_path(self) -> Path:
@@ -251,6 +258,10 @@ class RunFolder:
         """The fitted stain normaliser's state, or None when the run does not normalise stain."""
         return self._read_json(self.stain_path) if self.stain_path.is_file() else None
 
+    def crop_sources(self) -> list[CropSource] | None:
+        """Where each image was cut from (see `write_crop_sources`), or None when the run did not record it."""
+        return read_crop_sources(self.crop_sources_path) if self.crop_sources_path.is_file() else None
+
     def operating_points(self) -> dict[str, Any] | None:
         """Thresholds chosen on validation (see `write_operating_points`), or None when not yet written."""
         if not self.operating_points_path.is_file():
@@ -311,6 +322,10 @@ class RunFolder:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(self.weights_path))
         return self.weights_path
+
+    def write_crop_sources(self, sources: list[CropSource]) -> Path:
+        """The field each image was cut from (`blastscan.data.crop_sources.locate_crop_sources`), as CSV."""
+        return crop_sources_csv(sources, self.crop_sources_path)
 
     def write_operating_points(self, points: dict[str, Any]) -> Path:
         """Validation-chosen thresholds, merged into operating_points.json."""

@@ -13,8 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from blastscan.data.crop_sources import default_fields_root, resolve_fields
 from blastscan.data.registry import READERS
-from blastscan.errors import ConfigError
+from blastscan.errors import ConfigError, DatasetError
 from blastscan.imaging.augment import AugmentConfig
 from blastscan.imaging.stain import STAIN_METHODS
 from blastscan.registry import Registry
@@ -63,7 +64,27 @@ class DataConfig(_Strict):
         description="Leave out every image whose exact or near duplicate carries another label (the audit's label "
         "conflicts) instead of refusing to train.",
     )
+    leave_out_fields: list[str] = Field(
+        default_factory=list,
+        description="ALL-IDB1 smear fields (stems like Im001_1 or file names) whose cells must not be trained on: "
+        "every crop is located in the fields of `fields_root` (normalised cross-correlation, 20-30 s for all of "
+        "ALL-IDB2 on 2 cores) and the crops cut from these fields are left out before splitting; the run folder "
+        "records where every crop was cut from.",
+    )
+    fields_root: str | None = Field(
+        None,
+        description="The ALL-IDB1 folder (with im/) for `leave_out_fields`; $BLASTSCAN_DATA is expanded. Default: "
+        "the ALL_IDB1 beside `root` when `root` is ALL-IDB2 in its standard layout (ALL_IDB/ALL_IDB2[/img]).",
+    )
     cache_dir: str | None = None
+
+    @field_validator("leave_out_fields")
+    @classmethod
+    def _plain_field_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not name.strip() or "/" in name or "\\" in name]
+        if bad:
+            raise ValueError(f"field names must be file names or stems such as Im001_1, not {bad}")
+        return [name.strip() for name in value]
 
     @field_validator("format")
     @classmethod
@@ -77,9 +98,35 @@ class DataConfig(_Strict):
 
     def resolved_root(self) -> Path:
         """`root` with `$BLASTSCAN_DATA` (default ../shared/datasets) and `~` expanded."""
-        data_dir = os.environ.get("BLASTSCAN_DATA", DEFAULT_DATA_DIR)
-        text = self.root.replace("${BLASTSCAN_DATA}", data_dir).replace("$BLASTSCAN_DATA", data_dir)
-        return Path(os.path.expandvars(text)).expanduser()
+        return _expand_data_path(self.root)
+
+    def resolved_fields_root(self) -> Path:
+        """`fields_root` expanded like `root`, or ALL_IDB1 beside an ALL-IDB2 `root`; a ConfigError when neither."""
+        if self.fields_root is not None:
+            return _expand_data_path(self.fields_root)
+        found = default_fields_root(self.resolved_root())
+        if found is None:
+            raise ConfigError(
+                f"data.leave_out_fields: no ALL-IDB1 folder beside data.root ({self.resolved_root()}); set "
+                "data.fields_root to the folder of the smear fields"
+            )
+        return found
+
+    def left_out_field_paths(self) -> list[Path]:
+        """The image files of `leave_out_fields` in `resolved_fields_root()`; a ConfigError names those not there."""
+        if not self.leave_out_fields:
+            return []
+        try:
+            return resolve_fields(self.resolved_fields_root(), self.leave_out_fields)
+        except DatasetError as exc:
+            raise ConfigError(f"data.leave_out_fields: {exc}") from None
+
+
+def _expand_data_path(text: str) -> Path:
+    """`text` with `$BLASTSCAN_DATA` (default ../shared/datasets), other variables and `~` expanded."""
+    data_dir = os.environ.get("BLASTSCAN_DATA", DEFAULT_DATA_DIR)
+    text = text.replace("${BLASTSCAN_DATA}", data_dir).replace("$BLASTSCAN_DATA", data_dir)
+    return Path(os.path.expandvars(text)).expanduser()
 
 
 class ModelConfig(_Strict):

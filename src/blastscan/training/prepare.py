@@ -9,6 +9,7 @@ import numpy as np
 
 from blastscan.data.audit import AuditReport, audit
 from blastscan.data.cache import ImageCache
+from blastscan.data.crop_sources import CropSource, field_images, locate_crop_sources
 from blastscan.data.manifest import Manifest, class_targets
 from blastscan.data.scan import load_or_scan
 from blastscan.data.splits import SplitResult, make_split, read_splits
@@ -31,6 +32,7 @@ class PreparedData:
     split_rows: dict[str, np.ndarray]
     cache: ImageCache
     stain_state: dict | None
+    crop_sources: list[CropSource] | None = None  # where every crop was cut from (with data.leave_out_fields)
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images of class 0 and class 1 in `split`."""
@@ -71,6 +73,29 @@ def _reference_row(cache: ImageCache, rows: np.ndarray, limit: int = 64) -> int:
     return int(sample[np.argmin(np.linalg.norm(colours_array - median, axis=1))])
 
 
+def _without_rows(
+    config: TrainConfig, manifest: Manifest, splits: SplitResult | None, keep: np.ndarray, key: str, dropped: list[str]
+) -> tuple[Manifest, SplitResult]:
+    """The manifest without the rows `keep` is False for (`dropped` recorded under `key` in its metadata), and its
+    split: the split file's rows kept, or a split made afresh from the reduced manifest."""
+    reduced = Manifest(
+        table=manifest.table[keep].reset_index(drop=True),
+        root=manifest.root,
+        format=manifest.format,
+        metadata={**manifest.metadata, key: dropped},
+    )
+    if config.data.splits and splits is not None:
+        kept_splits = SplitResult(
+            table=splits.table[keep].reset_index(drop=True),
+            metadata={**splits.metadata, "rows": int(keep.sum()), key: dropped},
+            warnings=splits.warnings,
+        )
+    else:
+        split_cfg = config.data.split
+        kept_splits = make_split(reduced, split_cfg.train, split_cfg.val, split_cfg.test, seed=split_cfg.seed)
+    return reduced, kept_splits
+
+
 def _drop_label_conflicts(
     config: TrainConfig, manifest: Manifest, splits: SplitResult, report: AuditReport
 ) -> tuple[Manifest, SplitResult]:
@@ -87,31 +112,31 @@ def _drop_label_conflicts(
         )
     dropped = sorted({c.first for c in conflicts} | {c.second for c in conflicts})
     keep = ~manifest.table["path"].astype(str).isin(dropped).to_numpy()
-    reduced = Manifest(
-        table=manifest.table[keep].reset_index(drop=True),
-        root=manifest.root,
-        format=manifest.format,
-        metadata={**manifest.metadata, "dropped_label_conflicts": dropped},
+    return _without_rows(config, manifest, splits, keep, "dropped_label_conflicts", dropped)
+
+
+def _crops_from_fields(config: TrainConfig, manifest: Manifest, workers: int) -> tuple[np.ndarray, list[CropSource]]:
+    """Where every manifest image was cut from among the fields of `data.fields_root`, and which rows to keep: those
+    not cut from a field of `data.leave_out_fields`."""
+    left_out = {p.name for p in config.data.left_out_field_paths()}  # checked first: a wrong name fails at once
+    sources = locate_crop_sources(
+        manifest.absolute_paths(), field_images(config.data.resolved_fields_root()), workers=workers
     )
-    if config.data.splits:
-        kept_splits = SplitResult(
-            table=splits.table[keep].reset_index(drop=True),
-            metadata={**splits.metadata, "rows": int(keep.sum()), "dropped_label_conflicts": dropped},
-            warnings=splits.warnings,
-        )
-    else:
-        split_cfg = config.data.split
-        kept_splits = make_split(reduced, split_cfg.train, split_cfg.val, split_cfg.test, seed=split_cfg.seed)
-    return reduced, kept_splits
+    keep = np.array([s.field not in left_out for s in sources], dtype=bool)
+    return keep, sources
 
 
 def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
     """Load or scan the dataset, load or make the split, audit it (a leak stops the run), fill the cache."""
     manifest = load_or_scan(config.data.resolved_root(), config.data.format)
     split_cfg = config.data.split
-    if config.data.splits:
-        splits = read_splits(Path(config.data.splits).expanduser(), manifest)
-    else:
+    splits = read_splits(Path(config.data.splits).expanduser(), manifest) if config.data.splits else None
+    sources = None
+    if config.data.leave_out_fields:
+        keep, sources = _crops_from_fields(config, manifest, workers)
+        left_out = manifest.table["path"].astype(str)[~keep].tolist()
+        manifest, splits = _without_rows(config, manifest, splits, keep, "left_out_field_crops", left_out)
+    if splits is None:
         splits = make_split(manifest, split_cfg.train, split_cfg.val, split_cfg.test, seed=split_cfg.seed)
     report = audit(manifest, splits)
     if report.label_conflicts:
@@ -121,6 +146,13 @@ def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
         report.notes.append(
             f"left out {len(dropped)} image(s) whose duplicates carry another label (data.drop_label_conflicts): "
             + ", ".join(dropped)
+        )
+    if sources is not None:
+        left_out, located = manifest.metadata["left_out_field_crops"], sum(s.field is not None for s in sources)
+        report.notes.append(
+            f"left out {len(left_out)} image(s) cut from the smear field(s) {', '.join(config.data.leave_out_fields)} "
+            f"(data.leave_out_fields; {located} of {len(sources)} images were located in a field, the run folder "
+            "records where)"
         )
     if report.leaks:
         raise TrainingError(
@@ -139,4 +171,4 @@ def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
         normalizer.fit(np.asarray(cache[_reference_row(cache, rows["train"])]))
         stain_state = normalizer.to_dict()
         cache = prepared_cache(manifest, size, normalizer, stain_state, cache_dir, workers)
-    return PreparedData(manifest, splits, report, targets, rows, cache, stain_state)
+    return PreparedData(manifest, splits, report, targets, rows, cache, stain_state, sources)

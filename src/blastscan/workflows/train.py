@@ -75,6 +75,8 @@ def _write_run_inputs(run: RunFolder, config: TrainConfig, data: PreparedData, m
         "class_counts": {split: data.class_counts(split) for split in ("train", "val", "test")},
     }
     run.write_inputs(config, data.manifest, data.splits, data.audit, model_card, data.stain_state)
+    if data.crop_sources is not None:
+        run.write_crop_sources(data.crop_sources)
 
 
 @rank_zero_only
