@@ -142,6 +142,15 @@ def demo(
             f"(95% CI {low:.3f}-{high:.3f}); report: {result.report}",
             highlight=False,
         )
+    if result.field_analysis is not None:
+        found = result.field_analysis
+        console.print(
+            f"smear field {found['field']}: {found['cells_found']} leukocytes found "
+            f"({found['leukocytes_drawn']} drawn), "
+            f"{found['blasts_called']} called blast ({found['blasts_drawn']} drawn) -> {found['smear_call']}; "
+            f"review page: {found['page']}",
+            highlight=False,
+        )
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     console.print(f"run folder: {result.run_dir} ({timings})", highlight=False)
     if result.synthetic:
@@ -483,15 +492,29 @@ def analyze(
 def evaluate_fields(
     data: Annotated[Path, typer.Argument(help="ALL-IDB1 or BCCD folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("field-eval"),
-    run: Annotated[Path | None, typer.Option(help="A run: also score blast finding and the smear call.")] = None,
+    run: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A run (repeatable): also score blast finding and the smear call; each field is scored by "
+            "the first run that has not seen it."
+        ),
+    ] = None,
+    cross_fit_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="A training config (e.g. ALL-IDB2): train one run per fold of fields, each leaving out "
+            "its fold's fields (data.leave_out_fields), and score each fold with its run."
+        ),
+    ] = None,
+    cross_fit_folds: Annotated[int, typer.Option(help="Folds of field groups for --cross-fit-config.")] = 2,
     only_unseen: Annotated[
-        bool, typer.Option(help="Evaluate only the fields the run's training crops were not cut from.")
+        bool, typer.Option(help="Evaluate only the fields some run's training crops were not cut from.")
     ] = False,
     folds: Annotated[int, typer.Option(help="Cross-validation folds for the smear threshold.")] = 5,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
     device: DeviceOption = "auto",
 ) -> None:
-    """Score leukocyte detection (ALL-IDB1 centroids, BCCD boxes) and, with a run, blast and smear calls."""
+    """Score leukocyte detection (ALL-IDB1 centroids, BCCD boxes) and, with runs, blast and smear calls."""
     from blastscan.workflows.evaluate_fields import evaluate_fields as run_evaluate_fields
 
     with Progress(
@@ -500,11 +523,13 @@ def evaluate_fields(
     ) as bar:  # fmt: skip
         task = bar.add_task("fields", total=None)
         result = run_evaluate_fields(
-            data, out, run, device=device, only_unseen=only_unseen, folds=folds, n_boot=bootstrap,
+            data, out, run or [], cross_fit_config=cross_fit_config, cross_fit_folds=cross_fit_folds,
+            device=device, only_unseen=only_unseen, folds=folds, n_boot=bootstrap,
             progress=lambda n: bar.advance(task, n),
         )  # fmt: skip
     console.print(json.dumps(result.metrics, indent=2, default=str), highlight=False)
-    console.print(f"wrote {result.files['metrics']} and {result.files['fields']}", highlight=False)
+    written = ", ".join(str(path) for path in result.files.values())
+    console.print(f"wrote {written}", highlight=False)
 
 
 @command(app, "audit-shortcuts")

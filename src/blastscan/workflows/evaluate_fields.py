@@ -10,15 +10,22 @@
   specificity and the AUROC of the blast share with bootstrap CIs over field groups.
 
 A run whose training crops were cut from the evaluated fields (an ALL-IDB2 run on ALL-IDB1) is refused, or with
-`only_unseen` evaluated on the fields it has not seen.
+`only_unseen` evaluated on the fields it has not seen. With several runs, each field is scored by the first run that
+has not seen it. `cross_fit_config` does this in one go: the fields are split into `cross_fit_folds` groups of
+overlapping fields (stratified by label), and for each group a run is trained from the config with
+`data.leave_out_fields` listing that group's fields, then scores them; every field is then scored by a classifier
+that never saw a crop cut from it or from a field overlapping it.
+
+`review/` holds contact sheets for checking the truth and the finder by eye: the detections no mark matched, the
+marks no detection matched, and the `xyc_other` marks set apart as platelets.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,7 @@ from blastscan.evaluation.metrics import metrics_with_ci
 from blastscan.runs import RunFolder, write_json
 from blastscan.smear.analysis import FieldAnalyzer
 from blastscan.smear.detection_metrics import average_precision, match_centroids
-from blastscan.smear.field_truth import bccd_wbc_boxes, leukocyte_marks, read_marks
+from blastscan.smear.field_truth import bccd_wbc_boxes, leukocyte_marks, mark_sheet, read_marks
 from blastscan.smear.find import find_leukocytes
 from blastscan.workflows.analyze import field_analyzer
 
@@ -74,8 +81,14 @@ def _seen_fields(run: RunFolder, fields: list[Path]) -> dict[str, list[str]]:
 
     paths = manifest.absolute_paths()
     training = [paths[i] for i in run.rows("train", manifest)] + [paths[i] for i in run.rows("val", manifest)]
-    stored = run.crop_sources() if hasattr(run, "crop_sources") else None
-    return fields_seen_in_training(training, fields, stored)
+    return fields_seen_in_training(training, fields, run.crop_sources())
+
+
+def _balanced_accuracy(shares: np.ndarray, labels: np.ndarray, threshold: float) -> float:
+    calls = shares >= threshold
+    sensitivity = calls[labels == 1].mean() if (labels == 1).any() else 0.0
+    specificity = (~calls[labels == 0]).mean() if (labels == 0).any() else 0.0
+    return 0.5 * (sensitivity + specificity)
 
 
 def _smear_level(shares: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int, n_boot: int) -> dict:
@@ -89,15 +102,7 @@ def _smear_level(shares: np.ndarray, labels: np.ndarray, groups: np.ndarray, fol
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0)
     for train, test in splitter.split(shares, labels, groups):
         candidates = np.unique(np.concatenate([[0.0], shares[train], [1.01]]))
-
-        def balanced(t: float, idx: np.ndarray = train) -> float:
-            calls = shares[idx] >= t
-            y = labels[idx]
-            return 0.5 * (calls[y == 1].mean() if (y == 1).any() else 0) + 0.5 * (
-                (~calls[y == 0]).mean() if (y == 0).any() else 0
-            )
-
-        best = max(candidates, key=balanced)
+        best = max(candidates, key=lambda t, idx=train: _balanced_accuracy(shares[idx], labels[idx], t))
         thresholds.append(float(best))
         called[test] = shares[test] >= best
     result = metrics_with_ci(labels, called, 0.5, 0.5, groups=groups, n_boot=n_boot)
@@ -106,20 +111,52 @@ def _smear_level(shares: np.ndarray, labels: np.ndarray, groups: np.ndarray, fol
     out = {k: result[k] for k in keep}
     out["roc_auc_blast_share"] = auroc["roc_auc"]
     out["roc_auc_ci"] = auroc["ci"]["roc_auc"]
+    out["ci_method"] = str(out["ci_method"]).replace("patients", "groups of overlapping fields")
+    # The threshold to use with `blastscan analyze --smear-threshold`: chosen on all evaluated fields (the figures
+    # above are the honest, cross-validated estimate of how it performs on new fields).
+    overall = np.unique(np.concatenate([[0.0], shares, [1.01]]))
+    out["recommended_smear_threshold"] = float(max(overall, key=lambda t: _balanced_accuracy(shares, labels, t)))
     out.update(folds=folds, fold_thresholds=thresholds, fields=len(shares), groups=len(np.unique(groups)))
     return out
+
+
+@dataclass
+class _ReviewTiles:
+    """Mark- or detection-centred tiles for the review contact sheets (at most `limit` of each)."""
+
+    unmatched_found: list[np.ndarray] = field(default_factory=list)
+    unmatched_marks: list[np.ndarray] = field(default_factory=list)
+    platelet_marks: list[np.ndarray] = field(default_factory=list)
+    limit: int = 240
+
+    def add(self, kind: str, image: np.ndarray, points: np.ndarray, radius: float) -> None:
+        tiles = getattr(self, kind)
+        r = max(8, round(radius))
+        for x, y in points:
+            if len(tiles) >= self.limit:
+                return
+            x0, y0 = max(0, round(x) - r), max(0, round(y) - r)
+            tiles.append(image[y0 : round(y) + r, x0 : round(x) + r].copy())
+
+    def write(self, folder: Path) -> dict[str, Path]:
+        return {
+            kind: mark_sheet(getattr(self, kind), folder / f"{kind}.png")
+            for kind in ("unmatched_found", "unmatched_marks", "platelet_marks")
+            if getattr(self, kind)
+        }
 
 
 def _all_idb1(
     manifest_paths: list[Path],
     labels: np.ndarray,
-    analyzer: FieldAnalyzer | None,
-    out: Path,
+    analyzers: list[FieldAnalyzer | None],
+    review: _ReviewTiles,
     progress: Callable[[int], None] | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Per-field detection (and, with an analyzer, blast and smear) records for ALL-IDB1."""
+    """Per-field detection (and, with analyzers, blast and smear) records for ALL-IDB1; `analyzers[i]` scores
+    field i (None: detection only)."""
     rows = []
-    for path in manifest_paths:
+    for path, analyzer in zip(manifest_paths, analyzers, strict=True):
         image = load_rgb(path)
         blasts = read_marks(path.parent.parent / "xyc" / f"{path.stem}.xyc")
         others = read_marks(path.parent.parent / "xyc_other" / f"{path.stem}.xyc")
@@ -139,6 +176,9 @@ def _all_idb1(
         match = match_centroids(centroids, truth, radius)
         match_all = match_centroids(centroids, np.concatenate([blasts, others]), radius)
         blast_match = match_centroids(centroids[called_blast], blasts, radius)
+        review.add("unmatched_found", image, centroids[list(match.unmatched_found)], rbc)
+        review.add("unmatched_marks", image, truth[list(match.unmatched_truth)], rbc)
+        review.add("platelet_marks", image, others[~other_is_leukocyte], 0.5 * rbc)
         rows.append(
             {
                 "field": path.name,
@@ -160,23 +200,80 @@ def _all_idb1(
         if progress is not None:
             progress(1)
     totals = {k: sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "leukocyte_marks", "platelet_marks")}
-    detection = _prf(totals["tp"], totals["fp"], totals["fn"])
-    marks_all = sum(r["leukocyte_marks"] + r["platelet_marks"] for r in rows)
+    marks_all = totals["leukocyte_marks"] + totals["platelet_marks"]
     tp_all = sum(r["tp_all_marks"] for r in rows)
     found = sum(r["found"] for r in rows)
     metrics: dict[str, Any] = {
         "fields": len(rows),
-        "detection": detection,
+        "detection": _prf(totals["tp"], totals["fp"], totals["fn"]),
         "detection_against_all_marks": _prf(tp_all, found - tp_all, marks_all - tp_all),
         "marks": {"leukocyte": totals["leukocyte_marks"], "platelet": totals["platelet_marks"]},
         "match_radius_red_cells": MATCH_RADIUS,
     }
-    if analyzer is not None:
+    if any(a is not None for a in analyzers):
         blast_tp = sum(r["blast_tp"] for r in rows)
         called = sum(r["called_blast"] for r in rows)
         marks = sum(r["blast_marks"] for r in rows)
         metrics["blast_finding"] = _prf(blast_tp, called - blast_tp, marks - blast_tp)
     return metrics, rows
+
+
+def _cross_fit_runs(
+    config_path: Path, fields: list[Path], labels: np.ndarray, groups: np.ndarray, folds: int, out: Path
+) -> tuple[list[Path], np.ndarray]:
+    """Train one run per fold of field groups, each leaving out its fold's fields; (run folders, fold per field)."""
+    from blastscan.training.config import load_config
+    from blastscan.workflows.train import train
+
+    fold_of = np.zeros(len(fields), dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0)
+    for k, (_, held_out) in enumerate(splitter.split(fields, labels, groups)):
+        fold_of[held_out] = k
+    run_dirs = []
+    for k in range(folds):
+        names = [fields[i].stem for i in np.flatnonzero(fold_of == k)]
+        config = load_config(config_path)
+        config = config.model_copy(
+            update={
+                "name": f"{config.name}-fields-fold{k}",
+                "runs_dir": str(out / "runs"),
+                "data": config.data.model_copy(update={"leave_out_fields": names}),
+            }
+        )
+        run_dirs.append(train(config, progress_bar=False).run_dir)
+    return run_dirs, fold_of
+
+
+def _analyzers_for(
+    run_dirs: list[Path], fields: list[Path], fold_of: np.ndarray | None, only_unseen: bool, device: str
+) -> tuple[list[FieldAnalyzer | None], dict[str, Any]]:
+    """The analyzer that scores each field: its fold's run when cross-fitted, else the first run that has not seen
+    it. A field every run has seen is refused (ConfigError) or, with `only_unseen`, left out (None)."""
+    runs = [RunFolder.open(d, need=("model_card", "weights")) for d in run_dirs]
+    analyzers = [field_analyzer(run, device) for run in runs]
+    seen = [_seen_fields(run, fields) for run in runs]
+    chosen: list[FieldAnalyzer | None] = []
+    refused = []
+    for i, path in enumerate(fields):
+        order = [int(fold_of[i])] if fold_of is not None else range(len(runs))
+        pick = next((k for k in order if path.name not in seen[k]), None)
+        if pick is None:
+            refused.append(path.name)
+        chosen.append(None if pick is None else analyzers[pick])
+    if refused and not only_unseen:
+        names = ", ".join(refused[:8]) + (" ..." if len(refused) > 8 else "")
+        raise ConfigError(
+            f"{len(refused)} field(s) were seen in training by every run given ({names}): their crops were cut from "
+            "them, so their results would be inflated. Retrain with data.leave_out_fields listing them (or use "
+            "--cross-fit-config), or pass --only-unseen to evaluate the other fields"
+        )
+    info = {
+        "runs": [run.name for run in runs],
+        "cell_thresholds": {run.name: a.cell_threshold for run, a in zip(runs, analyzers, strict=True)},
+        "framing": {run.name: a.framing.cell_fraction for run, a in zip(runs, analyzers, strict=True)},
+        "fields_left_out_as_seen_in_training": refused,
+    }
+    return chosen, info
 
 
 def _bccd(paths: list[Path], boxes: list[Any], progress: Callable[[int], None] | None) -> tuple[dict, list[dict]]:
@@ -198,8 +295,10 @@ def _bccd(paths: list[Path], boxes: list[Any], progress: Callable[[int], None] |
 def evaluate_fields(
     data: str | Path,
     out: str | Path,
-    run_dir: str | Path | None = None,
+    run_dirs: Sequence[str | Path] = (),
     *,
+    cross_fit_config: str | Path | None = None,
+    cross_fit_folds: int = 2,
     device: str = "auto",
     only_unseen: bool = False,
     folds: int = 5,
@@ -207,7 +306,7 @@ def evaluate_fields(
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
 ) -> FieldEvaluation:
-    """Evaluate the finder (and, with `run_dir`, the blast calls and smear calls) on ALL-IDB1 or BCCD at `data`."""
+    """Evaluate the finder (and, with runs, the blast calls and smear calls) on ALL-IDB1 or BCCD at `data`."""
     scanned = scan(data, verify=False)
     manifest = scanned.manifest
     dataset = str(manifest.table["dataset"].iloc[0]) if len(manifest) else ""
@@ -215,43 +314,46 @@ def evaluate_fields(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"data": str(data), "dataset": dataset}
+    files: dict[str, Path] = {}
     if dataset == "bccd":
+        if run_dirs or cross_fit_config:
+            raise ConfigError("BCCD has no leukemia labels: evaluate-fields scores only leukocyte detection there")
         split = manifest.table["official_split"].astype(str).to_numpy()
         chosen = np.flatnonzero(split == "test")
         result, rows = _bccd([paths[i] for i in chosen], list(manifest.table["boxes"].iloc[chosen]), progress)
         metrics.update(result, split="official test split (ImageSets/Main/test.txt)")
     elif dataset == "all-idb1":
         labels = (manifest.table["label"].astype(str).to_numpy() == LEUKEMIC).astype(int)
-        analyzer = None
-        chosen = np.arange(len(paths))
-        if run_dir is not None:
-            run = RunFolder.open(run_dir, need=("model_card", "weights"))
-            seen = _seen_fields(run, paths)
-            if seen and not only_unseen:
-                names = ", ".join(sorted(seen)[:8]) + (" ..." if len(seen) > 8 else "")
-                raise ConfigError(
-                    f"run {run.name} was trained on crops cut from {len(seen)} of these fields ({names}): its field "
-                    "results would be inflated. Retrain with data.leave_out_fields listing the fields to evaluate, "
-                    "or pass --only-unseen to evaluate the other fields"
-                )
-            chosen = np.array([i for i, p in enumerate(paths) if p.name not in seen])
-            metrics["run"] = run.name
-            metrics["fields_left_out_as_seen_in_training"] = sorted(seen)
-            analyzer = field_analyzer(run, device)
-            metrics["cell_threshold"] = analyzer.cell_threshold
-            metrics["framing"] = {"cell_fraction": analyzer.framing.cell_fraction, "source": analyzer.framing.source}
-        chosen_paths = [paths[i] for i in chosen]
-        result, rows = _all_idb1(chosen_paths, labels[chosen], analyzer, out, progress)
+        scored = bool(run_dirs) or cross_fit_config is not None
+        groups = _field_groups(paths, workers) if scored else np.arange(len(paths))
+        analyzers: list[FieldAnalyzer | None] = [None] * len(paths)
+        if scored:
+            fold_of = None
+            run_list = [Path(d) for d in run_dirs]
+            if cross_fit_config is not None:
+                run_list, fold_of = _cross_fit_runs(Path(cross_fit_config), paths, labels, groups, cross_fit_folds, out)
+                fold_names = {p.name: int(k) for p, k in zip(paths, fold_of, strict=True)}
+                metrics["cross_fit"] = {
+                    "config": str(cross_fit_config),
+                    "folds": cross_fit_folds,
+                    "fold_of_field": fold_names,
+                }
+            analyzers, info = _analyzers_for(run_list, paths, fold_of, only_unseen, device)
+            metrics.update(info)
+        keep = [i for i, a in enumerate(analyzers) if a is not None or not scored]
+        review = _ReviewTiles()
+        result, rows = _all_idb1([paths[i] for i in keep], labels[keep], [analyzers[i] for i in keep], review, progress)
         metrics.update(result)
-        if analyzer is not None:
-            groups = _field_groups(chosen_paths, workers)
+        files.update(review.write(out / "review"))
+        if scored:
             shares = np.array([np.nan if r["blast_share"] is None else r["blast_share"] for r in rows])
-            metrics["smear_level"] = _smear_level(shares, labels[chosen], groups, folds, n_boot)
+            metrics["smear_level"] = _smear_level(shares, labels[keep], groups[keep], folds, n_boot)
     else:
         raise DatasetError(f"{data}: field evaluation needs ALL-IDB1 or BCCD fields, found {dataset or 'no images'}")
-    write_json(out / "field_metrics.json", metrics)
-    with (out / "fields.csv").open("w", newline="") as handle:
+    files["metrics"] = write_json(out / "field_metrics.json", metrics)
+    files["fields"] = out / "fields.csv"
+    with files["fields"].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["field"])
         writer.writeheader()
         writer.writerows(rows)
-    return FieldEvaluation(metrics, {"metrics": out / "field_metrics.json", "fields": out / "fields.csv"})
+    return FieldEvaluation(metrics, files)
