@@ -34,6 +34,7 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.measure import label as label_regions
 from skimage.measure import regionprops
+from skimage.morphology import remove_small_holes
 from skimage.segmentation import watershed
 
 __all__ = ["FieldFinding", "Leukocyte", "estimate_red_cell_diameter", "find_leukocytes"]
@@ -57,11 +58,22 @@ BLUISH_CUE = 0.04
 LOBE_GAP = 0.12
 #: A nucleus smaller than this (red-cell areas) is a platelet, a granule or stain debris, not a leukocyte.
 MIN_NUCLEUS_AREA = 0.16
+#: Nucleus pieces this close (RBC) join when one of them is not a whole round nucleus (lobes of granulocytes).
+LOBE_REACH = 0.5
+#: A whole nucleus (which never joins another) covers at least this many red-cell areas ...
+WHOLE_NUCLEUS_AREA = 0.35
+#: ... and is at least this round (`_roundness`).
+WHOLE_ROUNDNESS = 0.8
+#: Any nucleus piece this large (red-cell areas) is whole: a granulocyte lobe (about 3 x 4.5 um) is 0.3-0.4 red-cell
+#: areas (a red cell is about 38 um^2).
+LARGE_NUCLEUS_AREA = 0.6
 #: Specks smaller than this (red-cell areas) are dropped before grouping lobes.
 MIN_PIECE_AREA = 0.015
 #: A nucleus core at least this deep (RBC, the distance to the nucleus edge) is one cell's: two such cores in one
 #: nucleus mean two touching cells. Lymphocyte and blast nuclei are ~0.3-0.45 deep; neutrophil lobes ~0.12.
 CORE_DEPTH = 0.22
+#: A split into pieces whose mean roundness (`_roundness`) is below this is a lobed nucleus and is undone.
+SPLIT_ROUNDNESS = 0.76
 #: Two cores closer than this (RBC) are one cell's.
 CORE_SEPARATION = 0.45
 #: The cell reaches at most this far (RBC) beyond its nucleus.
@@ -165,6 +177,8 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float | None:
     singles = _single_red_cells(stained, small)
     if singles.size >= MIN_SINGLE_CELLS:
         return float(np.median(singles)) / factor
+    # Pale centres (pallor) make red cells rings: fill holes up to a twentieth of the thumbnail's side across.
+    stained = remove_small_holes(stained, max_size=int((max(small.shape[:2]) / 20) ** 2))
     depth = ndi.distance_transform_edt(stained)
     labels, n = ndi.label(stained)
     if n == 0:
@@ -192,9 +206,9 @@ def _remove_small(mask: np.ndarray, min_area: float) -> np.ndarray:
     return keep[labels]
 
 
-def _nuclei(pixels: np.ndarray, rbc: float) -> tuple[np.ndarray, float]:
-    """Label image of leukocyte nuclei (lobes grouped, platelets dropped, touching nuclei split) and the cue
-    threshold used."""
+def _nuclei(pixels: np.ndarray, rbc: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Label image of leukocyte nuclei (lobes grouped, platelets dropped, touching nuclei split), the leukocyte
+    material (nucleus or cytoplasm coloured) and the nucleus cue threshold used."""
     cue = (pixels[..., 2] - pixels[..., 1]) / (pixels.sum(axis=2) + 1.0)
     bluish = cue[cue > BLUISH_CUE]
     threshold = NUCLEUS_MIN_CUE
@@ -203,19 +217,75 @@ def _nuclei(pixels: np.ndarray, rbc: float) -> tuple[np.ndarray, float]:
     mask = ndi.binary_opening(cue > threshold)
     rbc_area = math.pi / 4 * rbc**2
     mask = ndi.binary_fill_holes(_remove_small(mask, MIN_PIECE_AREA * rbc_area))
+    material = _leukocyte_material(pixels, mask, rbc)
     groups, n = ndi.label(disk_dilate(mask, LOBE_GAP * rbc / 2))
     groups = groups * mask
     if n == 0:
-        return groups, threshold
-    areas = np.bincount(groups.ravel(), minlength=n + 1)
+        return groups, material, threshold
+    groups = _join_lobes(_split_touching(groups, rbc), material, rbc)
+    areas = np.bincount(groups.ravel())
     big = areas >= MIN_NUCLEUS_AREA * rbc_area
     big[0] = False
-    groups = np.where(big[groups], groups, 0)
-    return _split_touching(groups, rbc), threshold
+    return _compact(np.where(big[groups], groups, 0)), material, threshold
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    """The same regions labelled 1..n."""
+    unique = np.unique(labels)
+    lookup = np.zeros(int(labels.max()) + 1, dtype=np.int32)
+    lookup[unique] = np.arange(unique.size)
+    return lookup[labels]
+
+
+def _join_lobes(groups: np.ndarray, material: np.ndarray, rbc: float) -> np.ndarray:
+    """Join the pieces of lobed nuclei: every piece that is not a whole round nucleus (`_is_whole_nucleus`) joins
+    the pieces it reaches within `LOBE_REACH` through leukocyte material (a granulocyte's lobes lie in one
+    cytoplasm; separate cells are parted by glass or red cells). Whole round nuclei never join each other (touching
+    blasts stay apart); a lobe between two of them goes to the nearer. Lobes can lie farther apart than
+    `LOBE_GAP`, the more so at high magnification (BCCD)."""
+    n = int(groups.max())
+    if n < 2:
+        return groups
+    boxes = ndi.find_objects(groups)
+    whole = np.zeros(n + 1, dtype=bool)
+    for label, box in enumerate(boxes, start=1):
+        if box is not None:
+            whole[label] = _is_whole_nucleus(groups[box] == label, rbc)
+    centres = np.asarray(ndi.center_of_mass(groups > 0, groups, np.arange(1, n + 1))).reshape(-1, 2)
+    reach, _ = ndi.label((material & disk_dilate(groups > 0, LOBE_REACH * rbc / 2)) | (groups > 0))
+    owner_of_piece = np.asarray(ndi.maximum(reach, groups, np.arange(1, n + 1)), dtype=int)
+    target = np.arange(n + 1)
+    for region in np.unique(owner_of_piece[owner_of_piece > 0]):
+        members = np.flatnonzero(owner_of_piece == region) + 1
+        anchors = members[whole[members]]
+        if anchors.size <= 1:
+            target[members] = members[0] if anchors.size == 0 else anchors[0]
+            continue
+        for piece in members[~whole[members]]:
+            distance = np.hypot(*(centres[anchors - 1] - centres[piece - 1]).T)
+            target[piece] = anchors[int(np.argmin(distance))]
+    return target[groups]
+
+
+def _is_whole_nucleus(mask: np.ndarray, rbc: float) -> bool:
+    """A nucleus too big to be a lobe, or a round one the size of a lymphocyte's (not a lobe, platelet or fragment)."""
+    area = mask.sum() / (math.pi / 4 * rbc**2)
+    return area >= LARGE_NUCLEUS_AREA or (area >= WHOLE_NUCLEUS_AREA and _roundness(mask) >= WHOLE_ROUNDNESS)
+
+
+def _roundness(mask: np.ndarray) -> float:
+    """Largest inscribed radius over the equivalent-circle radius: 1 for a disc, ~0.7 for a sausage-shaped lobe."""
+    area = int(mask.sum())
+    return float(ndi.distance_transform_edt(np.pad(mask, 1)).max() / math.sqrt(area / math.pi)) if area else 0.0
 
 
 def _split_touching(groups: np.ndarray, rbc: float) -> np.ndarray:
-    """Split every nucleus group holding two or more deep cores (touching cells) by a watershed."""
+    """Split every nucleus group holding two or more deep cores (touching cells) by a watershed.
+
+    A split is kept only when its pieces are round on average (`SPLIT_ROUNDNESS`): touching blast or lymphocyte
+    nuclei split into near-discs, while a lobed nucleus cut at its thin joins gives sausage-shaped lobes. The test
+    is scale-free, so it holds where the red-cell scale was misjudged (the depth test alone does not).
+    """
     depth = ndi.distance_transform_edt(groups > 0)
     cores = peak_local_max(
         depth,
@@ -236,28 +306,38 @@ def _split_touching(groups: np.ndarray, rbc: float) -> np.ndarray:
     markers[cores[chosen, 0], cores[chosen, 1]] = np.arange(1, int(chosen.sum()) + 1)
     region = np.isin(groups, split)
     pieces = watershed(-depth, markers, mask=region)
-    result = np.where(region, 0, groups)
+    result = groups.copy()
     offset = int(groups.max())
-    # Pixels no core's flood reached stay background (adding the offset to them would alias an existing label).
-    result[region] = np.where(pieces[region] > 0, pieces[region] + offset, 0)
-    # Keep labels compact (1..n) after the split.
-    unique = np.unique(result)
-    lookup = np.zeros(int(result.max()) + 1, dtype=np.int32)
-    lookup[unique] = np.arange(unique.size)
-    return lookup[result]
+    boxes = ndi.find_objects(groups)
+    for label in split:
+        box = boxes[label - 1]
+        inside = groups[box] == label
+        local = np.where(inside, pieces[box], 0)
+        labels = np.unique(local[local > 0])
+        if np.mean([_roundness(local == piece) for piece in labels]) < SPLIT_ROUNDNESS:
+            continue  # a lobed nucleus, not touching cells: keep it whole
+        # Pixels no core's flood reached stay background (adding the offset would alias an existing label).
+        result[box][inside] = np.where(local[inside] > 0, local[inside] + offset, 0)
+    return _compact(result)
 
 
-def _cells(pixels: np.ndarray, nuclei: np.ndarray, rbc: float) -> np.ndarray:
-    """Label image of whole cells: each nucleus plus the cytoplasm-coloured pixels it reaches first."""
+def _leukocyte_material(pixels: np.ndarray, nucleus_coloured: np.ndarray, rbc: float) -> np.ndarray:
+    """Pixels that are nucleus or cytoplasm: stained, and not red-cell coloured by the blue share of optical density
+    (haemoglobin absorbs blue; basophilic cytoplasm passes it), opened to cut thin red-cell rims."""
     od = _optical_density(pixels)
     stained = od.max(axis=2) > 0.06
     blue_share = od[..., 2] / (od.sum(axis=2) + 1e-3)
-    rest = stained & (nuclei == 0)
+    rest = stained & ~nucleus_coloured
     red_threshold = RED_MIN_CUE
     if rest.sum() > 100:
         red_threshold = max(red_threshold, float(threshold_otsu(blue_share[rest])))
-    candidate = (stained & (blue_share <= red_threshold)) | (nuclei > 0)
-    candidate = ndi.binary_opening(candidate, iterations=max(1, round(0.05 * rbc))) | (nuclei > 0)
+    material = (stained & (blue_share <= red_threshold)) | nucleus_coloured
+    return ndi.binary_opening(material, iterations=max(1, round(0.05 * rbc))) | nucleus_coloured
+
+
+def _cells(material: np.ndarray, nuclei: np.ndarray, rbc: float) -> np.ndarray:
+    """Label image of whole cells: each nucleus plus the leukocyte material it reaches first."""
+    candidate = material | (nuclei > 0)
     from_nucleus = ndi.distance_transform_edt(nuclei == 0)
     candidate &= from_nucleus <= MAX_CYTOPLASM * rbc
     owner = watershed(from_nucleus, nuclei, mask=candidate)
@@ -294,8 +374,8 @@ def find_leukocytes(image: np.ndarray, red_cell_diameter: float | None = None) -
     factor = min(1.0, WORKING_RBC / rbc_field)
     pixels = ndi.gaussian_filter(resize_field(image, factor).astype(np.float64), sigma=(1, 1, 0))
     rbc = rbc_field * factor
-    nuclei, threshold = _nuclei(pixels, rbc)
-    cells = _cells(pixels, nuclei, rbc) if nuclei.any() else nuclei
+    nuclei, material, threshold = _nuclei(pixels, rbc)
+    cells = _cells(material, nuclei, rbc) if nuclei.any() else nuclei
     cue = (pixels[..., 2] - pixels[..., 1]) / (pixels.sum(axis=2) + 1.0)
 
     found = []
