@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from blastscan.data.images import load_resized
+from blastscan.errors import BlastscanError
 from blastscan.imaging.segmentation import WORKING_SIZE, segment_cell
 
 __all__ = ["DEFAULT_CELL_FRACTION", "Framing", "crop_cells", "measure_framing"]
@@ -51,7 +52,7 @@ def measure_framing(paths: Sequence[str | Path], limit: int = 48, seed: int = 0)
     for path in chosen:
         try:
             image = load_resized(path, WORKING_SIZE)
-        except (OSError, ValueError):
+        except (OSError, ValueError, BlastscanError):
             continue  # an unreadable training image says nothing about the framing
         segmentation = segment_cell(image)
         if segmentation.ok:
