@@ -2,32 +2,52 @@
 
 Per field `<out>/<field>/`: `cells.csv` (id, centroid, box, area, probability, call, border flag), `overlay.png`,
 `summary.json` (leukocytes, blasts, blast percentage with its Wilson interval, the smear call) and `page.html` (one
-self-contained page for a reviewer). For the whole call: `<out>/summary.csv` (one row per field), `<out>/index.html`
-and, when some fields could not be read, `<out>/unreadable.csv`. Fields are streamed one at a time (memory does not
-grow with their number); a field that cannot be read is listed, not fatal. Nothing is written outside `out`.
+self-contained page for a reviewer). For the whole call: `<out>/summary.csv` (one row per field), `<out>/index.html`,
+`<out>/analysis.json` (the settings) and, when some fields could not be read, `<out>/unreadable.csv`. Fields are
+streamed one at a time (memory does not grow with their number). A field that cannot be analysed is listed with a
+one-line reason, not fatal: an unreadable file, a decompression bomb, an image smaller than `MIN_FIELD_SIDE`, or one
+without colour (the finder tells nuclei by their stain's colour, so a grey-scale field would read as empty). The
+overlays of an earlier call into the same `out` are not inputs. Nothing is written outside `out`, except that a
+run used for the first time stores its validation-chosen threshold (`operating_points.json`, and the image cache of
+its validation images when missing), as `predict` does.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from blastscan.data.images import load_rgb
 from blastscan.errors import BlastscanError, DatasetError
 from blastscan.inference import Predictor
 from blastscan.runs import RunFolder, write_json
-from blastscan.smear.analysis import DEFAULT_SMEAR_THRESHOLD, FieldAnalysis, FieldAnalyzer
+from blastscan.smear.analysis import (
+    CELL_COLUMNS,
+    DEFAULT_SMEAR_THRESHOLD,
+    FieldAnalysis,
+    FieldAnalyzer,
+    StageClock,
+    no_clock,
+)
 from blastscan.smear.framing import Framing, measure_framing
-from blastscan.smear.render import field_page, folder_page, overlay_image
+from blastscan.smear.render import field_page, folder_page, overlay_image, save_png
 from blastscan.workflows.predict import iter_sources
 from blastscan.workflows.thresholds import ensure_operating_points
 
-__all__ = ["AnalyzeResult", "analyze", "field_analyzer", "run_framing"]
+__all__ = ["MIN_FIELD_SIDE", "AnalyzeResult", "analyze", "field_analyzer", "load_field", "run_framing", "write_field"]
+
+#: A field's shorter side must reach this (pixels): a leukocyte with the glass around it needs at least as much.
+MIN_FIELD_SIDE = 64
+#: A field whose channels never differ by more than this (0-255) has no colour: grey-scale, or blank.
+GREY_SPREAD = 4
 
 SUMMARY_COLUMNS = (
     "field",
@@ -85,26 +105,66 @@ def field_analyzer(
 
 
 def _unique_names(paths: Sequence[str]) -> Iterator[tuple[str, str]]:
-    """(path, output folder name) pairs: the file stem, made unique with -2, -3... when stems repeat."""
-    seen: dict[str, int] = {}
+    """(path, output folder name) pairs: the file stem, made unique with -2, -3... when stems repeat (a suffixed
+    name never takes the name of a later field's own stem: `a/x`, `b/x`, `c/x-2` give x, x-2, x-2-2)."""
+    taken: set[str] = set()
     for path in paths:
         stem = Path(path).stem or "field"
-        seen[stem] = seen.get(stem, 0) + 1
-        yield path, stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+        name, number = stem, 1
+        # Case-folded so two names never share a folder on a case-insensitive file system (macOS, Windows).
+        while name.casefold() in taken:
+            number += 1
+            name = f"{stem}-{number}"
+        taken.add(name.casefold())
+        yield path, name
+
+
+def _earlier_output(path: str, out: Path) -> bool:
+    """True for an overlay an earlier call wrote under `out` (`out/<field>/overlay.png` beside its summary.json):
+    with `out` inside an input folder, a second call must not read its own pictures as fields."""
+    candidate = Path(os.path.realpath(path))
+    return (
+        candidate.name == "overlay.png"
+        and candidate.parent.parent == out
+        and (candidate.parent / "summary.json").is_file()
+    )
+
+
+def load_field(path: str | Path) -> np.ndarray:
+    """A field image as (H, W, 3) uint8 RGB; DatasetError naming the file when it cannot be analysed (unreadable,
+    too large, smaller than MIN_FIELD_SIDE, or without colour)."""
+    image = load_rgb(path)
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_FIELD_SIDE:
+        raise DatasetError(f"{path}: {w}x{h} px is too small for a smear field (at least {MIN_FIELD_SIDE} px a side)")
+    # A strided sample (about 250,000 pixels) is enough: a stained field has thousands of coloured pixels.
+    step = max(1, int((h * w / 250_000) ** 0.5))
+    sample = image[::step, ::step]
+    if int((sample.max(axis=2).astype(np.int16) - sample.min(axis=2)).max()) <= GREY_SPREAD:
+        raise DatasetError(
+            f"{path}: the image has no colour (grey-scale or blank); leukocytes are found by their stain's "
+            f"colours, so analyse the colour original"
+        )
+    return image
+
+
+def _reason(path: str, exc: Exception) -> str:
+    """One line saying why a field was not analysed, without the path the error message may start with (the
+    caller lists the path beside it)."""
+    text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.removeprefix(f"{Path(path)}: ")
 
 
 def write_field(folder: Path, name: str, image: Any, analysis: FieldAnalysis, run_name: str) -> None:
     """The four files of one analysed field."""
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "cells.csv").open("w", newline="") as handle:
-        columns = list(analysis.cells[0].row()) if analysis.cells else ["id"]
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=CELL_COLUMNS)
         writer.writeheader()
         writer.writerows(cell.row() for cell in analysis.cells)
-    overlay = overlay_image(image, analysis)
-    overlay.save(folder / "overlay.png")
+    save_png(overlay_image(image, analysis), folder / "overlay.png")
     write_json(folder / "summary.json", {"field": name, "run": run_name, **analysis.summary()})
-    (folder / "page.html").write_text(field_page(name, image, analysis, overlay, run_name), encoding="utf-8")
+    (folder / "page.html").write_text(field_page(name, image, analysis, run_name), encoding="utf-8")
 
 
 def _summary_row(name: str, path: str, analysis: FieldAnalysis, seconds: float) -> dict[str, Any]:
@@ -137,36 +197,49 @@ def analyze(
     smear_threshold: float | None = None,
     red_cell_diameter: float | None = None,
     progress: Callable[[int], None] | None = None,
+    clock: StageClock = no_clock,
 ) -> AnalyzeResult:
     """Analyse every field `inputs` name (files, folders, globs) with a run; write the outputs under `out`.
 
-    Raises DatasetError when no field could be read (the unreadable list is written first).
+    `clock` times the stages: "setup" (the run's network, framing and threshold: once per call), per field
+    "decode", the FieldAnalyzer's "find", "crop", "score", "count", and "write" (its four files), then "index"
+    (summary.csv, index.html, analysis.json). Raises DatasetError when no field could be analysed (the unreadable
+    list is written first).
     """
     started = time.perf_counter()
-    run = RunFolder.open(run_dir, need=("model_card", "weights"))
-    analyzer = field_analyzer(run, device, cell_threshold, smear_threshold, red_cell_diameter)
     out = Path(out)
+    sources = list(iter_sources(inputs))
+    with clock("setup"):
+        run = RunFolder.open(run_dir, need=("model_card", "weights"))
+        analyzer = field_analyzer(run, device, cell_threshold, smear_threshold, red_cell_diameter)
     out.mkdir(parents=True, exist_ok=True)
+    resolved_out = Path(os.path.realpath(out))
     result = AnalyzeResult(out)
-    for path, name in _unique_names(list(iter_sources(inputs))):
+    fields = [p for p in sources if not _earlier_output(p, resolved_out)]
+    if progress is not None and len(fields) < len(sources):
+        progress(len(sources) - len(fields))  # the caller counted every source
+    for path, name in _unique_names(fields):
         field_started = time.perf_counter()
         try:
-            image = load_rgb(path)
-            analysis = analyzer.analyze(image)
+            with clock("decode"):
+                image = load_field(path)
+            analysis = analyzer.analyze(image, clock)
         except (OSError, ValueError, BlastscanError) as exc:
-            result.failures.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            result.failures.append((path, _reason(path, exc)))
         else:
-            write_field(out / name, name, image, analysis, run.name)
+            with clock("write"):
+                write_field(out / name, name, image, analysis, run.name)
             row = _summary_row(name, path, analysis, time.perf_counter() - field_started)
             row["page"] = f"{name}/page.html"
             result.rows.append(row)
         if progress is not None:
             progress(1)
-    _write_folder_outputs(result, run.name, analyzer)
+    with clock("index"):
+        _write_folder_outputs(result, run.name, analyzer)
     result.seconds = time.perf_counter() - started
     if not result.rows:
         raise DatasetError(
-            f"no field could be read ({len(result.failures)} unreadable, listed in {out / 'unreadable.csv'})"
+            f"no field could be analysed ({len(result.failures)} listed with the reason in {out / 'unreadable.csv'})"
             if result.failures
             else "no image found in the inputs; pass field images, folders or globs"
         )
