@@ -96,7 +96,10 @@ def _smear_level(shares: np.ndarray, labels: np.ndarray, groups: np.ndarray, fol
     other folds' fields; metrics of the held-out calls with bootstrap CIs over field groups."""
     usable = ~np.isnan(shares)
     shares, labels, groups = shares[usable], labels[usable], groups[usable]
-    folds = max(2, min(folds, len(np.unique(groups)), int(min(labels.sum(), (1 - labels).sum()))))
+    per_class = int(min(labels.sum(), (1 - labels).sum()))
+    if per_class < 2:
+        return {"skipped": f"needs at least 2 fields of each class with leukocytes; has {per_class} of the rarer class"}
+    folds = max(2, min(folds, len(np.unique(groups)), per_class))
     called = np.zeros(len(shares))
     thresholds = []
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0)
