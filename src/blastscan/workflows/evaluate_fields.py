@@ -66,6 +66,23 @@ def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
 
 
+def _bootstrap_prf(rows: list[dict[str, Any]], n_boot: int, seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile intervals of precision, recall and F1, resampling fields (their tp/fp/fn) with replacement."""
+    counts = np.array([[r["tp"], r["fp"], r["fn"]] for r in rows], dtype=float).reshape(-1, 3)
+    if not len(counts):
+        return {}
+    rng = np.random.default_rng(seed)
+    draws = counts[rng.integers(0, len(counts), size=(n_boot, len(counts)))].sum(axis=1)
+    tp, fp, fn = draws.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision, recall = tp / (tp + fp), tp / (tp + fn)
+        f1 = 2 * precision * recall / (precision + recall)
+    return {
+        name: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+        for name, v in (("precision", precision), ("recall", recall), ("f1", f1))
+    }
+
+
 def _field_groups(paths: list[Path], workers: int) -> np.ndarray:
     """A group number per field: exact, near and overlapping fields share one (the audit's duplicate graph)."""
     pairs, _ = duplicate_pairs(fingerprints(paths, workers=workers), paths, check_overlap=True, workers=workers)
@@ -154,6 +171,7 @@ def _all_idb1(
     labels: np.ndarray,
     analyzers: list[FieldAnalyzer | None],
     review: _ReviewTiles,
+    n_boot: int,
     progress: Callable[[int], None] | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per-field detection (and, with analyzers, blast and smear) records for ALL-IDB1; `analyzers[i]` scores
@@ -209,6 +227,8 @@ def _all_idb1(
     metrics: dict[str, Any] = {
         "fields": len(rows),
         "detection": _prf(totals["tp"], totals["fp"], totals["fn"]),
+        "detection_ci": _bootstrap_prf(rows, n_boot),
+        "detection_ci_method": f"percentile bootstrap, {n_boot} resamples of fields",
         "detection_against_all_marks": _prf(tp_all, found - tp_all, marks_all - tp_all),
         "marks": {"leukocyte": totals["leukocyte_marks"], "platelet": totals["platelet_marks"]},
         "match_radius_red_cells": MATCH_RADIUS,
@@ -279,7 +299,9 @@ def _analyzers_for(
     return chosen, info
 
 
-def _bccd(paths: list[Path], boxes: list[Any], progress: Callable[[int], None] | None) -> tuple[dict, list[dict]]:
+def _bccd(
+    paths: list[Path], boxes: list[Any], n_boot: int, progress: Callable[[int], None] | None
+) -> tuple[dict, list[dict]]:
     found, truth, rows = [], [], []
     for path, annotation in zip(paths, boxes, strict=True):
         finding = find_leukocytes(load_rgb(path))
@@ -292,7 +314,15 @@ def _bccd(paths: list[Path], boxes: list[Any], progress: Callable[[int], None] |
                      "red_cell_diameter": round(finding.red_cell_diameter, 1)})  # fmt: skip
         if progress is not None:
             progress(1)
-    return {"fields": len(rows), "detection_ap50": average_precision(found, truth, 0.5)}, rows
+    result = average_precision(found, truth, 0.5)
+    rng = np.random.default_rng(0)
+    resampled = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(found), size=len(found))
+        resampled.append(average_precision([found[i] for i in pick], [truth[i] for i in pick], 0.5)["ap"])
+    result["ap_ci"] = [float(np.nanpercentile(resampled, 2.5)), float(np.nanpercentile(resampled, 97.5))]
+    result["ci_method"] = f"percentile bootstrap, {n_boot} resamples of images"
+    return {"fields": len(rows), "detection_ap50": result}, rows
 
 
 def evaluate_fields(
@@ -323,7 +353,7 @@ def evaluate_fields(
             raise ConfigError("BCCD has no leukemia labels: evaluate-fields scores only leukocyte detection there")
         split = manifest.table["official_split"].astype(str).to_numpy()
         chosen = np.flatnonzero(split == "test")
-        result, rows = _bccd([paths[i] for i in chosen], list(manifest.table["boxes"].iloc[chosen]), progress)
+        result, rows = _bccd([paths[i] for i in chosen], list(manifest.table["boxes"].iloc[chosen]), n_boot, progress)
         metrics.update(result, split="official test split (ImageSets/Main/test.txt)")
     elif dataset == "all-idb1":
         labels = (manifest.table["label"].astype(str).to_numpy() == LEUKEMIC).astype(int)
@@ -345,7 +375,9 @@ def evaluate_fields(
             metrics.update(info)
         keep = [i for i, a in enumerate(analyzers) if a is not None or not scored]
         review = _ReviewTiles()
-        result, rows = _all_idb1([paths[i] for i in keep], labels[keep], [analyzers[i] for i in keep], review, progress)
+        result, rows = _all_idb1(
+            [paths[i] for i in keep], labels[keep], [analyzers[i] for i in keep], review, n_boot, progress
+        )
         metrics.update(result)
         files.update(review.write(out / "review"))
         if scored:
