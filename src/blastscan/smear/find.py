@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_multiotsu, threshold_otsu
 from skimage.measure import label as label_regions
 from skimage.measure import regionprops
 from skimage.morphology import remove_small_holes
@@ -173,7 +173,13 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float | None:
     od = ndi.gaussian_filter(_optical_density(small).sum(axis=2), 1.0)
     if float(od.max() - od.min()) < 0.05:
         return None
-    stained = ndi.binary_opening(od > threshold_otsu(od))
+    # Glass against red cells: nuclei are left out of the threshold, or a few dark leukocytes on pale red cells
+    # would make Otsu split nuclei from everything else.
+    cue = (small[..., 2] - small[..., 1]) / (small.sum(axis=2) + 1.0)
+    rest = od[cue <= NUCLEUS_MIN_CUE]
+    if rest.size < 100 or float(rest.max() - rest.min()) < 0.05:
+        return None
+    stained = ndi.binary_opening(od > threshold_otsu(rest))
     singles = _single_red_cells(stained, small)
     if singles.size >= MIN_SINGLE_CELLS:
         return float(np.median(singles)) / factor
@@ -213,7 +219,9 @@ def _nuclei(pixels: np.ndarray, rbc: float) -> tuple[np.ndarray, np.ndarray, flo
     bluish = cue[cue > BLUISH_CUE]
     threshold = NUCLEUS_MIN_CUE
     if bluish.size > 100 and float(bluish.max() - bluish.min()) > 1e-3:
-        threshold = max(threshold, float(threshold_otsu(bluish)))
+        # Three classes of bluish pixels (tinted glass or red-cell edges, pale nuclei, dark nuclei): the lower cut
+        # keeps a blast's pale, fine chromatin with the nuclei instead of splitting pale from dark nuclei.
+        threshold = max(threshold, float(threshold_multiotsu(bluish, classes=3)[0]))
     mask = ndi.binary_opening(cue > threshold)
     rbc_area = math.pi / 4 * rbc**2
     mask = ndi.binary_fill_holes(_remove_small(mask, MIN_PIECE_AREA * rbc_area))
