@@ -473,7 +473,7 @@ def analyze(
             red_cell_diameter=red_cell_diameter, progress=lambda n: bar.advance(task, n),
         )  # fmt: skip
     for path, reason in result.failures:
-        err_console.print(f"[yellow]unreadable[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]not analysed[/] {path}: {reason}", highlight=False, soft_wrap=True)
     for row in result.rows:
         share = "-" if row["blast_percentage"] is None else f"{row['blast_percentage']:.1f}%"
         console.print(
@@ -482,7 +482,7 @@ def analyze(
             highlight=False,
         )
     console.print(
-        f"wrote {result.out} ({len(result.rows)} field(s), {len(result.failures)} unreadable; index.html, "
+        f"wrote {result.out} ({len(result.rows)} field(s), {len(result.failures)} not analysed; index.html, "
         f"summary.csv) in {result.seconds:.1f} s",
         highlight=False,
     )

@@ -251,7 +251,7 @@ def test_the_command_prints_one_line_per_field_and_exits_0(run: Path, synthetic:
         assert said[0].endswith(f"-> {row['smear_call']}")
     # The closing line may be wrapped (rich folds long lines at 80 columns when not writing to a terminal).
     closing = " ".join(" ".join(lines[len(summary) :]).split())
-    assert closing.startswith("wrote") and "(4 field(s), 0 unreadable" in closing
+    assert closing.startswith("wrote") and "(4 field(s), 0 not analysed" in closing
 
 
 def test_a_real_allidb1_field_end_to_end(run: Path, allidb1_dir: Path, tmp_path: Path) -> None:
