@@ -4,9 +4,10 @@ ALL-IDB1 marks blast centroids in `xyc/` (tab-separated) and, from ALL-IDB-Patch
 `xyc_other/` (space-separated). Looking at the fields shows that `xyc_other/` marks platelets as well as
 leukocytes (in healthy fields most of its marks sit on platelets lying on red cells). A leukocyte finder that
 rightly ignores platelets would be charged with hundreds of misses, so `leukocyte_marks` separates them by the size
-of the nucleus-coloured object under each mark: leukocyte nuclei are at least ~0.5 red-cell areas (the smallest
-blast mark's object is 0.56), platelets under ~0.25. Both the split and the counts are reported with the results,
-and `mark_sheet` draws the marks each side of it so a reader can check the rule by eye.
+of the nucleus-coloured object under each mark: on ALL-IDB1 every blast mark's object is at least 1.4 red-cell
+areas, the platelet marks' are under 0.25, and only 3 marks fall between 0.3 and 0.6. Both the split and the
+counts are reported with the results, and `mark_sheet` draws the marks each side of it so a reader can check the
+rule by eye.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from blastscan.smear import find
 __all__ = ["MIN_LEUKOCYTE_MARK_AREA", "bccd_wbc_boxes", "leukocyte_marks", "mark_sheet", "read_marks"]
 
 #: A mark whose nucleus-coloured object (lobes within `find.LOBE_GAP` joined) covers at least this many red-cell
-#: areas is a leukocyte; smaller ones are platelets (the gap between the two is 0.25-0.5 on ALL-IDB1).
+#: areas is a leukocyte; smaller ones are platelets (no ALL-IDB1 mark's object lies between 0.25 and 0.3).
 MIN_LEUKOCYTE_MARK_AREA = 0.3
 #: How far (red-cell diameters) from a mark its object may lie (annotators click near, not on, the centre).
 MARK_REACH = 0.3
