@@ -527,9 +527,50 @@ def evaluate_fields(
             device=device, only_unseen=only_unseen, folds=folds, n_boot=bootstrap,
             progress=lambda n: bar.advance(task, n),
         )  # fmt: skip
-    console.print(json.dumps(result.metrics, indent=2, default=str), highlight=False)
+    for line in _field_metric_lines(result.metrics):
+        console.print(line, highlight=False)
     written = ", ".join(str(path) for path in result.files.values())
     console.print(f"wrote {written}", highlight=False)
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+
+
+def _field_metric_lines(metrics: dict) -> list[str]:
+    """The headline figures of `evaluate-fields` (field_metrics.json has them all)."""
+    lines = [f"{metrics['dataset']}: {metrics['fields']} field(s)"]
+    if "detection_ap50" in metrics:
+        ap = metrics["detection_ap50"]
+        lines.append(
+            f"WBC detection AP@0.5 {ap['ap']:.3f}{_interval(ap.get('ap_ci'))}; precision {ap['precision']:.3f}, "
+            f"recall {ap['recall']:.3f} ({ap['truth']} boxes, {ap['found']} found)"
+        )
+    if "detection" in metrics:
+        d, ci = metrics["detection"], metrics.get("detection_ci", {})
+        lines.append(
+            f"leukocyte detection ({metrics['marks']['leukocyte']} marks, {metrics['marks']['platelet']} platelet "
+            f"marks set apart): precision {d['precision']:.3f}{_interval(ci.get('precision'))}, recall "
+            f"{d['recall']:.3f}{_interval(ci.get('recall'))}, F1 {d['f1']:.3f}{_interval(ci.get('f1'))}"
+        )
+    if "blast_finding" in metrics:
+        b = metrics["blast_finding"]
+        lines.append(f"blast finding: precision {b['precision']:.3f}, recall {b['recall']:.3f}")
+    smear = metrics.get("smear_level") or {}
+    if "skipped" in smear:
+        lines.append(f"smear level: skipped ({smear['skipped']})")
+    elif smear:
+        ci = smear["ci"]
+        lines.append(
+            f"smear call ({smear['folds']}-fold CV over field groups): accuracy {smear['accuracy']:.3f}"
+            f"{_interval(ci['accuracy'])}, sensitivity {smear['recall']:.3f}{_interval(ci['recall'])}, specificity "
+            f"{smear['specificity']:.3f}{_interval(ci['specificity'])}; AUROC of the blast share "
+            f"{smear['roc_auc_blast_share']:.3f}{_interval(smear['roc_auc_ci'])}; recommended --smear-threshold "
+            f"{smear['recommended_smear_threshold']:.3f}"
+        )
+    if metrics.get("fields_left_out_as_seen_in_training"):
+        lines.append(f"left out (seen in training): {', '.join(metrics['fields_left_out_as_seen_in_training'])}")
+    return lines
 
 
 @command(app, "audit-shortcuts")

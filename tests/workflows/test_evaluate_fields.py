@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,22 +56,39 @@ def test_a_run_trained_on_crops_of_these_fields_is_refused(allidb1_dir: Path, st
     assert "blast_finding" in result.metrics and "smear_level" in result.metrics
 
 
-def test_bccd_average_precision_on_its_test_list(bccd_dir: Path, tmp_path: Path) -> None:
-    data = tmp_path / "BCCD"
+def _bccd_subset(source: Path, target: Path, count: int = 6) -> Path:
+    """The first `count` images of BCCD's official test list, in BCCD's layout under tmp_path."""
     for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (data / folder).mkdir(parents=True)
-    names = [line.strip() for line in (bccd_dir / "ImageSets/Main/test.txt").read_text().splitlines() if line.strip()]
-    chosen = names[:6]
+        (target / folder).mkdir(parents=True)
+    names = [line.strip() for line in (source / "ImageSets/Main/test.txt").read_text().splitlines() if line.strip()]
+    chosen = names[:count]
     for name in chosen:
-        shutil.copy(bccd_dir / "JPEGImages" / f"{name}.jpg", data / "JPEGImages")
-        shutil.copy(bccd_dir / "Annotations" / f"{name}.xml", data / "Annotations")
-    (data / "ImageSets/Main/test.txt").write_text("\n".join(chosen) + "\n")
-    result = evaluate_fields(data, tmp_path / "out")
+        shutil.copy(source / "JPEGImages" / f"{name}.jpg", target / "JPEGImages")
+        shutil.copy(source / "Annotations" / f"{name}.xml", target / "Annotations")
+    (target / "ImageSets/Main/test.txt").write_text("\n".join(chosen) + "\n")
+    return target
+
+
+def test_bccd_average_precision_on_its_test_list(bccd_dir: Path, tmp_path: Path) -> None:
+    data = _bccd_subset(bccd_dir, tmp_path / "BCCD")
+    result = evaluate_fields(data, tmp_path / "out", n_boot=50)
     ap = result.metrics["detection_ap50"]
     assert ap["truth"] >= 6 and 0.0 <= ap["ap"] <= 1.0
     assert ap["recall"] >= 0.5
+    assert ap["ap_ci"][0] <= ap["ap"] <= ap["ap_ci"][1]
     with pytest.raises(ConfigError, match="no leukemia labels"):
         evaluate_fields(data, tmp_path / "out2", ["some-run"])
+
+
+def test_cli_prints_the_headline_figures(bccd_dir: Path, tmp_path: Path) -> None:
+    data = _bccd_subset(bccd_dir, tmp_path / "BCCD", count=3)
+    done = subprocess.run(
+        [sys.executable, "-m", "blastscan", "evaluate-fields", str(data), "--out", str(tmp_path / "out"),
+         "--bootstrap", "20"],
+        capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "WBC detection AP@0.5" in done.stdout and "field_metrics.json" in done.stdout
 
 
 def test_other_data_is_refused(tmp_path: Path) -> None:
