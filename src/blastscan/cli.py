@@ -568,6 +568,8 @@ def _field_metric_lines(metrics: dict) -> list[str]:
             f"{smear['roc_auc_blast_share']:.3f}{_interval(smear['roc_auc_ci'])}; recommended --smear-threshold "
             f"{smear['recommended_smear_threshold']:.3f}"
         )
+    if smear.get("fields_without_leukocytes"):
+        lines.append(f"smear level: {smear['fields_without_leukocytes']} field(s) without a leukocyte have no call")
     if metrics.get("fields_left_out_as_seen_in_training"):
         lines.append(f"left out (seen in training): {', '.join(metrics['fields_left_out_as_seen_in_training'])}")
     return lines

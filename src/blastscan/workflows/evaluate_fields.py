@@ -111,11 +111,15 @@ def _balanced_accuracy(shares: np.ndarray, labels: np.ndarray, threshold: float)
 def _smear_level(shares: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int, n_boot: int) -> dict:
     """Cross-validated smear calls: per fold, the blast-share threshold that maximises balanced accuracy on the
     other folds' fields; metrics of the held-out calls with bootstrap CIs over field groups."""
-    usable = ~np.isnan(shares)
+    usable = ~np.isnan(shares)  # a field where no leukocyte was found has no blast share and no call
     shares, labels, groups = shares[usable], labels[usable], groups[usable]
+    without = int((~usable).sum())
     per_class = int(min(labels.sum(), (1 - labels).sum()))
     if per_class < 2:
-        return {"skipped": f"needs at least 2 fields of each class with leukocytes; has {per_class} of the rarer class"}
+        return {
+            "skipped": f"needs at least 2 fields of each class with leukocytes; has {per_class} of the rarer class",
+            "fields_without_leukocytes": without,
+        }
     folds = max(2, min(folds, len(np.unique(groups)), per_class))
     called = np.zeros(len(shares))
     thresholds = []
@@ -137,6 +141,7 @@ def _smear_level(shares: np.ndarray, labels: np.ndarray, groups: np.ndarray, fol
     overall = np.unique(np.concatenate([[0.0], shares, [1.01]]))
     out["recommended_smear_threshold"] = float(max(overall, key=lambda t: _balanced_accuracy(shares, labels, t)))
     out.update(folds=folds, fold_thresholds=thresholds, fields=len(shares), groups=len(np.unique(groups)))
+    out["fields_without_leukocytes"] = without
     return out
 
 
