@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from blastscan.evaluation.report import (
     format_estimate,
     write_report,
 )
+from browser import chromium, run_chromium
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROBE_RGB = (255, 0, 255)  # a colour nothing else in the report uses
@@ -303,34 +302,6 @@ def test_optional_sections_say_not_computed(content: ReportContent, tmp_path: Pa
 
 
 # --- real browser ----------------------------------------------------------------------------------------------
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.skip("headless Chromium not installed: apt-get install chromium")
-    return found
-
-
-def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [
-        binary,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        "--enable-logging=stderr",
-        "--v=0",
-        f"--user-data-dir={profile}",
-        *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ from blastscan.smear.render import DISCLAIMER
 from blastscan.workflows import analyze as analyze_module
 from blastscan.workflows.analyze import analyze
 from blastscan.workflows.thresholds import ensure_operating_points
+from browser import chromium, run_chromium
 
 runner = CliRunner()
 FIELD_FILES = ("cells.csv", "overlay.png", "summary.json", "page.html")
@@ -365,3 +366,30 @@ def test_when_no_field_can_be_read_analyze_raises_after_listing_them(run: Path, 
     errors = [line for line in cli.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no field could be analysed" in errors[0] and "unreadable.csv" in errors[0]
     assert "Traceback" not in cli.output
+
+
+@pytest.mark.slow
+def test_a_field_page_renders_in_headless_chromium(analysed: Path, tmp_path: Path) -> None:
+    """The review page in a real browser: every picture decodes from its data URI and nothing is blocked."""
+    binary = chromium()
+    page = next(p for p in sorted(analysed.glob("*/page.html")) if _cells(p.parent))
+    cells = len(_cells(page.parent))
+    dom = run_chromium(binary, tmp_path / "profile-dom", "--dump-dom", page.resolve().as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    images = re.findall(r"<img[^>]*>", dom.stdout)
+    assert len(images) == 2 + cells  # the field, the overlay, one gallery picture per cell
+    assert all('src="data:image/' in tag for tag in images)
+    assert "Content Security Policy" not in dom.stderr and "Refused to load" not in dom.stderr
+    shot = tmp_path / "page.png"
+    run_chromium(
+        binary, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2400", page.resolve().as_uri()
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # Red cells are pink: a decoded field picture leaves many pink pixels, a broken one none.
+    pink = (
+        (pixels[..., 0] > 180)
+        & (pixels[..., 1] < 170)
+        & (pixels[..., 2] > 140)
+        & (pixels[..., 0] > pixels[..., 1] + 30)
+    ).sum()
+    assert pink > 10_000, f"only {pink} pink pixels: the field pictures did not render"
