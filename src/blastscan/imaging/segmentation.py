@@ -34,7 +34,15 @@ from skimage.segmentation import watershed
 
 from blastscan.imaging.stain import BLACK_LEVEL, SEGMENTED_BLACK_SHARE, foreground_mask
 
-__all__ = ["CellSegmentation", "save_segmentation_figure", "segment_cell", "segmentation_gallery"]
+__all__ = [
+    "CellSegmentation",
+    "disk_dilate",
+    "nucleus_cue",
+    "remove_small_components",
+    "save_segmentation_figure",
+    "segment_cell",
+    "segmentation_gallery",
+]
 
 #: The side the feature extractors resize images to before segmenting (and the gallery shows them at).
 WORKING_SIZE = 128
@@ -84,7 +92,13 @@ class CellSegmentation:
         return self.cell & ~self.nucleus
 
 
-def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
+def nucleus_cue(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) blue-minus-green share `(B - G) / (R + G + B + 1)` of (H, W, 3) RGB pixels: high on nuclei only."""
+    pixels = np.asarray(pixels, dtype=np.float64)
+    return (pixels[..., 2] - pixels[..., 1]) / (pixels.sum(axis=2) + 1.0)
+
+
+def disk_dilate(mask: np.ndarray, radius: float) -> np.ndarray:
     """Dilation by a disk, via the distance transform (constant time in the radius, unlike a footprint)."""
     if not mask.any():
         return mask.copy()
@@ -97,10 +111,11 @@ def _erode(mask: np.ndarray, radius: float) -> np.ndarray:
 
 
 def _open(mask: np.ndarray, radius: float) -> np.ndarray:
-    return _dilate(_erode(mask, radius), radius)
+    return disk_dilate(_erode(mask, radius), radius)
 
 
-def _remove_small(mask: np.ndarray, min_area: float) -> np.ndarray:
+def remove_small_components(mask: np.ndarray, min_area: float) -> np.ndarray:
+    """`mask` without its connected components smaller than `min_area` pixels."""
     labels, n = ndi.label(mask)
     if n == 0:
         return mask
@@ -128,7 +143,7 @@ def _nucleus(cue: np.ndarray, stained: np.ndarray, scale: float) -> tuple[np.nda
     threshold = max(float(threshold_otsu(cue[stained])), NUCLEUS_MIN_CUE)
     mask = (cue > threshold) & stained
     mask = ndi.binary_opening(mask, structure=ndi.generate_binary_structure(2, 1))
-    mask = _remove_small(mask, MIN_LOBE_AREA * scale**2)
+    mask = remove_small_components(mask, MIN_LOBE_AREA * scale**2)
     mask = ndi.binary_fill_holes(mask)
     return mask, threshold
 
@@ -136,7 +151,7 @@ def _nucleus(cue: np.ndarray, stained: np.ndarray, scale: float) -> tuple[np.nda
 def _nucleus_groups(mask: np.ndarray, scale: float) -> tuple[np.ndarray, int]:
     """Label image of the nuclei in `mask` (components closer than `LOBE_GAP` form one nucleus, big enough ones
     only) and the label of the one nearest the image centre (0 when there is none)."""
-    groups, n = ndi.label(_dilate(mask, LOBE_GAP * scale / 2))
+    groups, n = ndi.label(disk_dilate(mask, LOBE_GAP * scale / 2))
     groups = groups * mask
     if n == 0:
         return groups, 0
@@ -238,7 +253,7 @@ def segment_cell(image: np.ndarray) -> CellSegmentation:
         return _failed((h, w), f"blank or one-colour image: only {stained.mean():.1%} of pixels are stained")
 
     smooth = ndi.gaussian_filter(pixels, sigma=(scale, scale, 0))
-    cue = (smooth[..., 2] - smooth[..., 1]) / (smooth.sum(axis=2) + 1.0)
+    cue = nucleus_cue(smooth)
     candidates, threshold = _nucleus(cue, stained, scale)
     groups, central = _nucleus_groups(candidates, scale)
     if central == 0:

@@ -21,6 +21,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from blastscan.errors import DatasetError
+from blastscan.imaging.segmentation import disk_dilate, nucleus_cue
 from blastscan.smear import find
 
 __all__ = ["MIN_LEUKOCYTE_MARK_AREA", "bccd_wbc_boxes", "leukocyte_marks", "mark_sheet", "read_marks"]
@@ -53,9 +54,8 @@ def _mark_object_areas(image: np.ndarray, marks: np.ndarray, red_cell_diameter: 
     factor = min(1.0, find.WORKING_RBC / red_cell_diameter)
     pixels = ndi.gaussian_filter(find.resize_field(image, factor).astype(np.float64), sigma=(1, 1, 0))
     rbc = red_cell_diameter * factor
-    cue = (pixels[..., 2] - pixels[..., 1]) / (pixels.sum(axis=2) + 1.0)
-    mask = ndi.binary_opening(cue > find.NUCLEUS_MIN_CUE)
-    groups, _ = ndi.label(find.disk_dilate(mask, find.LOBE_GAP * rbc / 2))
+    mask = ndi.binary_opening(nucleus_cue(pixels) > find.NUCLEUS_MIN_CUE)
+    groups, _ = ndi.label(disk_dilate(mask, find.LOBE_GAP * rbc / 2))
     groups = groups * mask
     areas = np.bincount(groups.ravel()) / (math.pi / 4 * rbc**2)
     reach = max(2, round(MARK_REACH * rbc))

@@ -37,6 +37,8 @@ from skimage.measure import regionprops
 from skimage.morphology import remove_small_holes
 from skimage.segmentation import watershed
 
+from blastscan.imaging.segmentation import disk_dilate, nucleus_cue, remove_small_components
+
 __all__ = ["FieldFinding", "Leukocyte", "estimate_red_cell_diameter", "find_leukocytes"]
 
 #: Side (pixels) of the thumbnail the red-cell diameter is measured on.
@@ -147,11 +149,10 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
 
 
-def _single_red_cells(stained: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+def _single_red_cells(stained: np.ndarray, nucleus_coloured: np.ndarray) -> np.ndarray:
     """Equivalent diameters (thumbnail pixels) of the stained blobs that look like one whole red cell: convex,
     round, clear of the border and of nucleus-coloured pixels, their pallor filled."""
-    cue = (pixels[..., 2] - pixels[..., 1]) / (pixels.sum(axis=2) + 1.0)
-    red = stained & ~disk_dilate(cue > NUCLEUS_MIN_CUE, 2)
+    red = stained & ~disk_dilate(nucleus_coloured, 2)
     diameters: list[float] = []
     for region in regionprops(label_regions(red)):
         r0, c0, r1, c1 = region.bbox
@@ -179,12 +180,12 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float | None:
         return None
     # Glass against red cells: nuclei are left out of the threshold, or a few dark leukocytes on pale red cells
     # would make Otsu split nuclei from everything else.
-    cue = (small[..., 2] - small[..., 1]) / (small.sum(axis=2) + 1.0)
-    rest = od[cue <= NUCLEUS_MIN_CUE]
+    nucleus_coloured = nucleus_cue(small) > NUCLEUS_MIN_CUE
+    rest = od[~nucleus_coloured]
     if rest.size < 100 or float(rest.max() - rest.min()) < 0.05:
         return None
     stained = ndi.binary_opening(od > threshold_otsu(rest))
-    singles = _single_red_cells(stained, small)
+    singles = _single_red_cells(stained, nucleus_coloured)
     if singles.size >= MIN_SINGLE_CELLS:
         return float(np.median(singles)) / factor
     # Pale centres (pallor) make red cells rings: fill holes up to a twentieth of the thumbnail's side across.
@@ -202,24 +203,9 @@ def estimate_red_cell_diameter(image: np.ndarray) -> float | None:
     return 2.0 * _weighted_median(radius[usable], area[usable]) / factor
 
 
-def disk_dilate(mask: np.ndarray, radius: float) -> np.ndarray:
-    return ndi.distance_transform_edt(~mask) <= radius if mask.any() else mask.copy()
-
-
-def _remove_small(mask: np.ndarray, min_area: float) -> np.ndarray:
-    labels, n = ndi.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_area
-    keep[0] = False
-    return keep[labels]
-
-
-def _nuclei(pixels: np.ndarray, rbc: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _nuclei(pixels: np.ndarray, cue: np.ndarray, rbc: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Label image of leukocyte nuclei (lobes grouped, platelets dropped, touching nuclei split), the leukocyte
-    material (nucleus or cytoplasm coloured) and the nucleus cue threshold used."""
-    cue = (pixels[..., 2] - pixels[..., 1]) / (pixels.sum(axis=2) + 1.0)
+    material (nucleus or cytoplasm coloured) and the nucleus cue threshold used; `cue` is `nucleus_cue(pixels)`."""
     bluish = cue[cue > BLUISH_CUE]
     threshold = NUCLEUS_MIN_CUE
     if bluish.size > 100 and float(bluish.max() - bluish.min()) > 1e-3:
@@ -228,7 +214,7 @@ def _nuclei(pixels: np.ndarray, rbc: float) -> tuple[np.ndarray, np.ndarray, flo
         threshold = max(threshold, float(threshold_multiotsu(bluish, classes=3)[0]))
     mask = ndi.binary_opening(cue > threshold)
     rbc_area = math.pi / 4 * rbc**2
-    mask = ndi.binary_fill_holes(_remove_small(mask, MIN_PIECE_AREA * rbc_area))
+    mask = ndi.binary_fill_holes(remove_small_components(mask, MIN_PIECE_AREA * rbc_area))
     material = _leukocyte_material(pixels, mask, rbc)
     groups, n = ndi.label(disk_dilate(mask, LOBE_GAP * rbc / 2))
     groups = groups * mask
@@ -391,9 +377,9 @@ def find_leukocytes(image: np.ndarray, red_cell_diameter: float | None = None) -
     factor = min(1.0, WORKING_RBC / rbc_field)
     pixels = ndi.gaussian_filter(resize_field(image, factor).astype(np.float64), sigma=(1, 1, 0))
     rbc = rbc_field * factor
-    nuclei, material, threshold = _nuclei(pixels, rbc)
+    cue = nucleus_cue(pixels)
+    nuclei, material, threshold = _nuclei(pixels, cue, rbc)
     cells = _cells(material, nuclei, rbc) if nuclei.any() else nuclei
-    cue = (pixels[..., 2] - pixels[..., 1]) / (pixels.sum(axis=2) + 1.0)
 
     found = []
     for label, box in enumerate(ndi.find_objects(cells), start=1):
