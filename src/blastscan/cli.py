@@ -463,14 +463,10 @@ def analyze(
     from blastscan.workflows.predict import count_sources
 
     total = count_sources(fields)
-    with Progress(
-        TextColumn("analysing fields"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("fields", total=total)
+    with progress_bar("analysing fields", total) as advance:
         result = run_analyze(
             run, fields, out, device=device, cell_threshold=cell_threshold, smear_threshold=smear_threshold,
-            red_cell_diameter=red_cell_diameter, progress=lambda n: bar.advance(task, n),
+            red_cell_diameter=red_cell_diameter, progress=advance,
         )  # fmt: skip
     for path, reason in result.failures:
         err_console.print(f"[yellow]not analysed[/] {path}: {reason}", highlight=False, soft_wrap=True)
@@ -517,15 +513,10 @@ def evaluate_fields(
     """Score leukocyte detection (ALL-IDB1 centroids, BCCD boxes) and, with runs, blast and smear calls."""
     from blastscan.workflows.evaluate_fields import evaluate_fields as run_evaluate_fields
 
-    with Progress(
-        TextColumn("evaluating fields"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("fields", total=None)
+    with progress_bar("evaluating fields", None) as advance:
         result = run_evaluate_fields(
             data, out, run or [], cross_fit_config=cross_fit_config, cross_fit_folds=cross_fit_folds,
-            device=device, only_unseen=only_unseen, folds=folds, n_boot=bootstrap,
-            progress=lambda n: bar.advance(task, n),
+            device=device, only_unseen=only_unseen, folds=folds, n_boot=bootstrap, progress=advance,
         )  # fmt: skip
     for line in _field_metric_lines(result.metrics):
         console.print(line, highlight=False)
