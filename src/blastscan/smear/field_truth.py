@@ -24,7 +24,14 @@ from blastscan.errors import DatasetError
 from blastscan.imaging.segmentation import disk_dilate, nucleus_cue
 from blastscan.smear import find
 
-__all__ = ["MIN_LEUKOCYTE_MARK_AREA", "bccd_wbc_boxes", "leukocyte_marks", "mark_sheet", "read_marks"]
+__all__ = [
+    "MIN_LEUKOCYTE_MARK_AREA",
+    "bccd_wbc_boxes",
+    "leukocyte_marks",
+    "mark_object_areas",
+    "mark_sheet",
+    "read_marks",
+]
 
 #: A mark whose nucleus-coloured object (lobes within `find.LOBE_GAP` joined) covers at least this many red-cell
 #: areas is a leukocyte; smaller ones are platelets (no ALL-IDB1 mark's object lies between 0.25 and 0.3).
@@ -49,8 +56,10 @@ def read_marks(path: Path) -> np.ndarray:
     return np.asarray(points, dtype=float).reshape(-1, 2)
 
 
-def _mark_object_areas(image: np.ndarray, marks: np.ndarray, red_cell_diameter: float) -> np.ndarray:
+def mark_object_areas(image: np.ndarray, marks: np.ndarray, red_cell_diameter: float) -> np.ndarray:
     """Area (red-cell areas) of the nucleus-coloured object nearest each mark, 0 when none is within reach."""
+    if len(marks) == 0:
+        return np.zeros(0)
     factor = min(1.0, find.WORKING_RBC / red_cell_diameter)
     pixels = ndi.gaussian_filter(find.resize_field(image, factor).astype(np.float64), sigma=(1, 1, 0))
     rbc = red_cell_diameter * factor
@@ -70,9 +79,7 @@ def _mark_object_areas(image: np.ndarray, marks: np.ndarray, red_cell_diameter: 
 
 def leukocyte_marks(image: np.ndarray, marks: np.ndarray, red_cell_diameter: float) -> np.ndarray:
     """Bool per mark: it sits on a leukocyte-sized nucleus (True) rather than a platelet (False)."""
-    if len(marks) == 0:
-        return np.zeros(0, dtype=bool)
-    return _mark_object_areas(image, marks, red_cell_diameter) >= MIN_LEUKOCYTE_MARK_AREA
+    return mark_object_areas(image, marks, red_cell_diameter) >= MIN_LEUKOCYTE_MARK_AREA
 
 
 def mark_sheet(tiles: Sequence[np.ndarray], out: Path, columns: int = 12, side: int = 96) -> Path:

@@ -41,7 +41,13 @@ from blastscan.evaluation.metrics import metrics_with_ci
 from blastscan.runs import RunFolder, write_json
 from blastscan.smear.analysis import FieldAnalyzer
 from blastscan.smear.detection_metrics import average_precision, match_centroids
-from blastscan.smear.field_truth import bccd_wbc_boxes, leukocyte_marks, mark_sheet, read_marks
+from blastscan.smear.field_truth import (
+    MIN_LEUKOCYTE_MARK_AREA,
+    bccd_wbc_boxes,
+    mark_object_areas,
+    mark_sheet,
+    read_marks,
+)
 from blastscan.smear.find import find_leukocytes
 from blastscan.workflows.analyze import field_analyzer
 
@@ -182,6 +188,7 @@ def _all_idb1(
     """Per-field detection (and, with analyzers, blast and smear) records for ALL-IDB1; `analyzers[i]` scores
     field i (None: detection only)."""
     rows = []
+    blast_areas, other_areas = [], []  # sizes of the objects under the marks, to report the platelet split
     for path, analyzer in zip(manifest_paths, analyzers, strict=True):
         image = load_rgb(path)
         blasts = read_marks(path.parent.parent / "xyc" / f"{path.stem}.xyc")
@@ -196,7 +203,10 @@ def _all_idb1(
             centroids = np.array([c.centroid for c in finding.cells]).reshape(-1, 2)
             called_blast = np.zeros(len(centroids), dtype=bool)
             rbc, share = finding.red_cell_diameter, None
-        other_is_leukocyte = leukocyte_marks(image, others, rbc)
+        other_area = mark_object_areas(image, others, rbc)
+        other_is_leukocyte = other_area >= MIN_LEUKOCYTE_MARK_AREA
+        other_areas.append(other_area)
+        blast_areas.append(mark_object_areas(image, blasts, rbc))
         truth = np.concatenate([blasts, others[other_is_leukocyte]])
         radius = MATCH_RADIUS * rbc
         match = match_centroids(centroids, truth, radius)
@@ -237,6 +247,7 @@ def _all_idb1(
         "detection_against_all_marks": _prf(tp_all, found - tp_all, marks_all - tp_all),
         "marks": {"leukocyte": totals["leukocyte_marks"], "platelet": totals["platelet_marks"]},
         "match_radius_red_cells": MATCH_RADIUS,
+        "mark_object_areas": _mark_size_summary(np.concatenate(blast_areas), np.concatenate(other_areas)),
     }
     if any(a is not None for a in analyzers):
         blast_tp = sum(r["blast_tp"] for r in rows)
@@ -244,6 +255,19 @@ def _all_idb1(
         marks = sum(r["blast_marks"] for r in rows)
         metrics["blast_finding"] = _prf(blast_tp, called - blast_tp, marks - blast_tp)
     return metrics, rows
+
+
+def _mark_size_summary(blast_areas: np.ndarray, other_areas: np.ndarray) -> dict[str, Any]:
+    """How clearly the object sizes under the marks (red-cell areas) split platelets from leukocytes."""
+    platelets = other_areas[other_areas < MIN_LEUKOCYTE_MARK_AREA]
+    return {
+        "threshold": MIN_LEUKOCYTE_MARK_AREA,
+        "smallest_blast_mark": float(blast_areas.min()) if blast_areas.size else None,
+        "largest_platelet_mark": float(platelets.max()) if platelets.size else None,
+        "other_marks_between_threshold_and_twice_it": int(
+            ((other_areas >= MIN_LEUKOCYTE_MARK_AREA) & (other_areas < 2 * MIN_LEUKOCYTE_MARK_AREA)).sum()
+        ),
+    }
 
 
 def _cross_fit_runs(
