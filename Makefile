@@ -11,7 +11,7 @@ export BLASTSCAN_DATA
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[full,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

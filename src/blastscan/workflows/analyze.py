@@ -42,7 +42,16 @@ from blastscan.smear.render import field_page, folder_page, overlay_image, save_
 from blastscan.workflows.predict import iter_sources
 from blastscan.workflows.thresholds import ensure_operating_points
 
-__all__ = ["MIN_FIELD_SIDE", "AnalyzeResult", "analyze", "field_analyzer", "load_field", "run_framing", "write_field"]
+__all__ = [
+    "MIN_FIELD_SIDE",
+    "AnalyzeResult",
+    "analyze",
+    "field_analyzer",
+    "load_field",
+    "open_analyzer",
+    "run_framing",
+    "write_field",
+]
 
 #: A field's shorter side must reach this (pixels): a leukocyte with the glass around it needs at least as much.
 MIN_FIELD_SIDE = 64
@@ -102,6 +111,33 @@ def field_analyzer(
         DEFAULT_SMEAR_THRESHOLD if smear_threshold is None else smear_threshold,
         red_cell_diameter,
     )
+
+
+def open_analyzer(
+    model: str | Path,
+    device: str = "auto",
+    cell_threshold: float | None = None,
+    smear_threshold: float | None = None,
+) -> tuple[FieldAnalyzer, dict[str, Any]]:
+    """The FieldAnalyzer of a trained run folder, and the run's public model card (name, classes, input size, mean,
+    std, the validation-chosen threshold, where it came from): what the service answers with."""
+    run = RunFolder.open(model, need=("model_card", "weights"))
+    analyzer = field_analyzer(run, device, cell_threshold, smear_threshold)
+    card = run.model_card()
+    public = {
+        "name": card.get("name"),
+        "model": run.name,
+        "source": "run",
+        "classes": card.get("classes"),
+        "image_size": card.get("image_size"),
+        "mean": card.get("mean"),
+        "std": card.get("std"),
+        "stain_normalisation": (run.stain_state() or {}).get("method"),
+        "threshold": analyzer.cell_threshold,
+        "smear_threshold_percentage": round(100 * analyzer.smear_threshold, 2),
+        "framing_cell_fraction": analyzer.framing.cell_fraction,
+    }
+    return analyzer, public
 
 
 def _unique_names(paths: Sequence[str]) -> Iterator[tuple[str, str]]:
