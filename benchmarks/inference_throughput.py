@@ -30,7 +30,8 @@ import torch
 
 from blastscan.data.images import load_resized
 from blastscan.data.synthetic import generate_dataset
-from blastscan.inference import InputSpec, Predictor, resolve_device
+from blastscan.inference import InputSpec
+from blastscan.inference.torch_backend import TorchPredictor, resolve_device
 from blastscan.models import create, preprocessing_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def measure(size: int, files: list[Path], batch: int, repeats: int, device: torc
     """Median images/s of each path at `size` px."""
     pre = preprocessing_for(MODEL, "package")
     model = create(MODEL, pretrained="package", num_classes=2).eval().to(device)
-    predictor = Predictor(model, InputSpec(size, pre["mean"], pre["std"]), device=device, batch_size=batch)
+    predictor = TorchPredictor(model, InputSpec(size, pre["mean"], pre["std"]), device=device, batch_size=batch)
     prepared = np.stack([load_resized(p, size) for p in files])
     nchw = predictor.to_input(prepared).contiguous()
     channels_last = nchw.contiguous(memory_format=torch.channels_last)

@@ -14,13 +14,14 @@ from PIL import Image
 
 from blastscan.baselines.embeddings import CnnEmbeddings
 from blastscan.errors import ConfigError, DatasetError
-from blastscan.inference import Predictor, dihedral_views, resolve_device
+from blastscan.inference import Predictor
+from blastscan.inference.torch_backend import dihedral_views, resolve_device
 from blastscan.runs import RunFolder
 
 
 @pytest.fixture(scope="module")
 def predictor(stain_run: Path) -> Predictor:
-    return Predictor.from_run(stain_run, device="cpu", batch_size=16)
+    return Predictor.from_run(stain_run, device="cpu", backend="torch", batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,8 @@ def test_devices_and_backends_are_named_in_errors(stain_run: Path) -> None:
             resolve_device("cuda")
     with pytest.raises(ConfigError, match="not a device"):
         resolve_device("tpu9")
-    with pytest.raises(ConfigError, match="unknown inference backend 'onnx'; choose one of torch"):
-        Predictor.from_run(stain_run, backend="onnx")
+    with pytest.raises(ConfigError, match="unknown inference backend 'tensorrt'; choose one of"):
+        Predictor.from_run(stain_run, backend="tensorrt")
 
 
 def test_run_folder_errors_name_what_is_missing_or_damaged(stain_run: Path, tmp_path: Path) -> None:

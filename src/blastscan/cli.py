@@ -378,7 +378,7 @@ def explain(
     from blastscan.explain.cam import explain_images, feature_map_grid
     from blastscan.inference import Predictor
 
-    predictor = Predictor.from_run(run, device=device)
+    predictor = Predictor.from_run(run, device=device, backend="torch")
     records = explain_images(predictor, images, out, method=method)
     grids = []
     if feature_maps:

@@ -13,27 +13,33 @@ runs/<name>/
   training_curves.png, augmentations.png
   eval/<dataset>-<split>/  one folder per evaluation; eval/shortcuts-<split>/ the shortcut audit
   baselines/             `blastscan baselines --cnn RUN --out RUN/baselines`, picked up by the report
+  onnx/model-<sha>.onnx  the ONNX export of best.safetensors (keyed by its SHA-256), made on first CPU use
+
+`ExportFolder` is the same for the folder `blastscan export` writes (model.onnx, model.int8.onnx,
+preprocessing.json, MODEL_CARD.md, parity.json). This module imports no torch (the slim deployment install reads
+run and export folders); the methods that need it (`config`, `load_model`, `write_weights`) import it when called.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from blastscan.data.audit import AuditReport
 from blastscan.data.crop_sources import CropSource, crop_sources_csv, read_crop_sources
 from blastscan.data.manifest import Manifest, class_targets, patient_ids, read_manifest, write_manifest
 from blastscan.data.splits import SplitResult, read_splits, write_splits
 from blastscan.errors import ConfigError
-from blastscan.models import create
-from blastscan.training.config import TrainConfig, apply_overrides, parse_config, read_config_tree
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from blastscan.training.config import TrainConfig
 
 #: What `RunFolder.open` requires by default: enough to score images with the run's model.
 FOR_INFERENCE = ("model_card", "weights")
@@ -64,6 +70,15 @@ def write_json(path: str | Path, value: Any) -> Path:
     return path
 
 
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class RunFolder:
     """A run folder: its paths, and its contents read back or written."""
 
@@ -84,6 +99,7 @@ class RunFolder:
     TENSORBOARD = "tensorboard"
     EVAL = "eval"
     BASELINES = "baselines"
+    ONNX_CACHE = "onnx"
 
     _FILES: ClassVar[dict[str, str]] = {
         "config": CONFIG,
@@ -166,6 +182,14 @@ class RunFolder:
     def operating_points_path(self) -> Path:
         return self.path / self.OPERATING_POINTS
 
+    def weights_sha256(self) -> str:
+        """The SHA-256 of best.safetensors: what names the weights' ONNX export in the run's cache."""
+        return file_sha256(self.weights_path)
+
+    def onnx_cache_path(self) -> Path:
+        """Where the ONNX export of the current best.safetensors is cached (a retrained run gets a new file)."""
+        return self.path / self.ONNX_CACHE / f"model-{self.weights_sha256()[:16]}.onnx"
+
     @property
     def metrics_path(self) -> Path:
         """Per-epoch training metrics (written at the end of training)."""
@@ -212,6 +236,8 @@ class RunFolder:
 
     def config(self, overrides: list[str] | None = None) -> TrainConfig:
         """The resolved config the run was started with, with optional `key=value` overrides."""
+        from blastscan.training.config import apply_overrides, parse_config, read_config_tree
+
         path = self.config_path
         if not path.is_file():
             raise ConfigError(f"{self.path}: not a run folder (no {self.CONFIG}); start it with `blastscan train`")
@@ -270,6 +296,11 @@ class RunFolder:
 
     def load_model(self) -> nn.Module:
         """The trained network in eval mode, rebuilt from model.json and best.safetensors (nothing is unpickled)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from blastscan.models import create
+
         card = self.model_card()
         try:
             model = create(
@@ -319,6 +350,8 @@ class RunFolder:
 
     def write_weights(self, model: nn.Module) -> Path:
         """The network's weights as best.safetensors."""
+        from safetensors.torch import save_file
+
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(self.weights_path))
         return self.weights_path
@@ -331,3 +364,97 @@ class RunFolder:
         """Validation-chosen thresholds, merged into operating_points.json."""
         merged = {**(self.operating_points() or {}), **points}
         return write_json(self.operating_points_path, merged)
+
+
+class ExportFolder:
+    """The folder `blastscan export` writes: a deployable model that needs no run folder and no torch.
+
+      model.onnx           the network, float32, input `image` (N, 3, S, S) normalised, output `logits` (N, 2)
+      model.int8.onnx      the same, statically quantised (QDQ, per-channel weights), when exported with --int8
+      preprocessing.json   the input contract: size, resize, channel order, mean, std, stain normalisation,
+                           classes, the validation-chosen threshold, the cell framing for whole fields
+      MODEL_CARD.md        the human-readable card (intended use, data, figures, limits)
+      parity.json          the measured agreement of the ONNX models with the torch model
+    """
+
+    MODEL = "model.onnx"
+    MODEL_INT8 = "model.int8.onnx"
+    PREPROCESSING = "preprocessing.json"
+    MODEL_CARD = "MODEL_CARD.md"
+    PARITY = "parity.json"
+    #: What preprocessing.json declares itself to be; a reader refuses another format.
+    FORMAT = "blastscan-onnx/1"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"ExportFolder({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        """The exported model's name (its folder's name)."""
+        return self.path.name
+
+    @classmethod
+    def is_export(cls, path: str | Path) -> bool:
+        """True when `path` is a folder holding preprocessing.json (an export, finished or not)."""
+        return (Path(path) / cls.PREPROCESSING).is_file()
+
+    @classmethod
+    def open(cls, path: str | Path) -> ExportFolder:
+        """The export folder at `path`; raises ConfigError naming what is missing."""
+        folder = cls(path)
+        if not folder.path.is_dir():
+            raise ConfigError(f"{folder.path}: no such folder; make one with `blastscan export RUN --out DIR`")
+        missing = [name for name in (cls.PREPROCESSING, cls.MODEL) if not (folder.path / name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{folder.path}: not an exported model (missing {', '.join(missing)}); "
+                "make one with `blastscan export RUN --format onnx --out DIR`"
+            )
+        return folder
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def int8_path(self) -> Path:
+        return self.path / self.MODEL_INT8
+
+    @property
+    def preprocessing_path(self) -> Path:
+        return self.path / self.PREPROCESSING
+
+    @property
+    def model_card_path(self) -> Path:
+        return self.path / self.MODEL_CARD
+
+    @property
+    def parity_path(self) -> Path:
+        return self.path / self.PARITY
+
+    def model_file(self, int8: bool = False) -> Path:
+        """model.onnx, or model.int8.onnx with `int8` (ConfigError when it was not exported)."""
+        path = self.int8_path if int8 else self.model_path
+        if not path.is_file():
+            raise ConfigError(
+                f"{self.path}: no {path.name}; export it with `blastscan export RUN --int8 --out {self.path}`"
+            )
+        return path
+
+    def preprocessing(self) -> dict[str, Any]:
+        """preprocessing.json, checked to be this format."""
+        try:
+            spec = json.loads(self.preprocessing_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{self.path}: missing {self.PREPROCESSING}; is this an exported model?") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{self.preprocessing_path}: not valid JSON ({exc}); the file is damaged") from None
+        if not isinstance(spec, dict) or spec.get("format") != self.FORMAT:
+            raise ConfigError(
+                f"{self.preprocessing_path}: format {spec.get('format') if isinstance(spec, dict) else None!r} is "
+                f"not {self.FORMAT!r}; re-export the model with this version of blastscan"
+            )
+        return spec

@@ -19,6 +19,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from blastscan.errors import ConfigError
 from blastscan.inference import InputSpec, Predictor
+from blastscan.inference.torch_backend import TorchPredictor
 from blastscan.models import create, preprocessing_for
 from blastscan.runs import RunFolder
 
@@ -94,7 +95,7 @@ class CnnEmbeddings(BaseEstimator, TransformerMixin):
 
     # -- the network, loaded once per instance and never part of the parameters or the pickle ---------------
 
-    def _predictor(self) -> Predictor:
+    def _predictor(self) -> TorchPredictor:
         if int(self.batch_size) < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         key = (
@@ -109,19 +110,21 @@ class CnnEmbeddings(BaseEstimator, TransformerMixin):
         if cached is not None and cached[0] == key:
             return cached[1]
         if self.run_dir is not None:
-            predictor = Predictor.from_run(self.run_dir, device=self.device, batch_size=int(self.batch_size))
+            predictor = Predictor.from_run(
+                self.run_dir, device=self.device, backend="torch", batch_size=int(self.batch_size)
+            )
         else:
             predictor = self._backbone_predictor()
         self.__dict__["_loaded"] = (key, predictor)
         return predictor
 
-    def _backbone_predictor(self) -> Predictor:
+    def _backbone_predictor(self) -> TorchPredictor:
         if int(self.image_size) < 1:
             raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
         model = create(self.backbone, pretrained=self.pretrained, num_classes=0)
         pre = preprocessing_for(self.backbone, self.pretrained)
         spec = InputSpec(int(self.image_size), tuple(pre["mean"]), tuple(pre["std"]))
-        return Predictor(model, spec, device=self.device, batch_size=int(self.batch_size))
+        return TorchPredictor(model, spec, device=self.device, batch_size=int(self.batch_size))
 
     def describe(self) -> dict[str, Any]:
         """What produces the features (JSON-ready): the run and its weights file's fingerprint, or the backbone."""

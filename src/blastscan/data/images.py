@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,3 +131,50 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
 def load_resized(path: str | Path, size: int) -> np.ndarray:
     """`path` decoded and resized to (size, size, 3) uint8: what the image cache stores and what a model is fed."""
     return resize_rgb(load_rgb(path, min_side=size), size)
+
+
+#: The Pillow formats `decode_rgb` opens: those of IMAGE_SUFFIXES (MPO is how Pillow names many cameras' JPEGs).
+UPLOAD_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP")
+
+
+def decode_rgb(data: bytes, name: str, min_side: int | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image held in memory (an upload) into an (H, W, 3) uint8 RGB array, as `load_rgb` decodes a file.
+
+    The same checks and conversions as `load_rgb`: the size is read from the header and checked against
+    `max_pixels` (default `max_image_pixels()`) before any pixel is decoded, so a decompression bomb costs nothing;
+    the whole image is then decoded, so a truncated file is refused; with `min_side` a JPEG may be decoded at a
+    reduced scale whose shorter side is still >= `min_side`; greyscale, palette, 16-bit and RGBA images are converted
+    to RGB (alpha dropped). Every error is a DatasetError whose message starts with `name`.
+    """
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    if not data:
+        raise DatasetError(f"{name}: the file is empty; send the image's bytes")
+    try:
+        # Only the formats of IMAGE_SUFFIXES: bytes from anywhere must not reach a decoder nobody here needs (EPS
+        # would even start Ghostscript).
+        image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{name}: not a readable image; send a JPEG, PNG, TIFF or BMP file") from exc
+    if image.width * image.height > limit:
+        raise DatasetError(
+            f"{name}: {image.width}x{image.height} = {image.width * image.height:,} pixels is more than the "
+            f"{limit:,} accepted (a possible decompression bomb); send a smaller image"
+        )
+    try:
+        if min_side is not None and image.format == "JPEG":
+            image.draft("RGB", (min_side, min_side))  # as `_open_decoded`: the same pixels `load_rgb` gives
+        image.load()
+        return _as_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{name}: cannot decode the image ({exc}); send the complete file") from exc
+
+
+def _as_rgb(image: Image.Image) -> np.ndarray:
+    """A decoded image as (H, W, 3) uint8 RGB, converted exactly as `load_rgb` converts (16-bit scaled to its max)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        array = (255.0 * array / max(float(array.max()), 1.0)).astype(np.uint8)
+        return np.repeat(array[..., None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)

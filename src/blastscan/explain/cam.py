@@ -28,7 +28,7 @@ from torch import nn
 
 from blastscan.data.images import load_rgb, resize_rgb
 from blastscan.errors import ConfigError
-from blastscan.inference import Predictor
+from blastscan.inference.torch_backend import TorchPredictor
 from blastscan.models.custom_cnn import BlastscanCNN
 from blastscan.registry import Registry
 
@@ -187,7 +187,7 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     return show_cam_on_image(image.astype(np.float32) / 255.0, np.clip(mask, 0.0, 1.0), use_rgb=True)
 
 
-def model_inputs(predictor: Predictor, images: Sequence[np.ndarray]) -> torch.Tensor:
+def model_inputs(predictor: TorchPredictor, images: Sequence[np.ndarray]) -> torch.Tensor:
     """The normalised batch the predictor's network sees: resized, stain-normalised as in training."""
     return predictor.to_input(np.stack([predictor.prepare(image) for image in images]))
 
@@ -202,7 +202,7 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def explain_images(
-    run_dir: str | Path | Predictor,
+    run_dir: str | Path | TorchPredictor,
     image_paths: Sequence[str | Path],
     out_dir: str | Path,
     method: str = "gradcam",
@@ -216,7 +216,9 @@ def explain_images(
     shrunk.
     """
     CAM_METHODS.get(method)  # fail before loading the model: an unknown name raises ConfigError listing the choices
-    predictor = run_dir if isinstance(run_dir, Predictor) else Predictor.from_run(run_dir, device=device)
+    predictor = (
+        run_dir if isinstance(run_dir, TorchPredictor) else TorchPredictor.from_run(run_dir, device, backend="torch")
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layer = target_layer(predictor.model)
@@ -257,7 +259,7 @@ def _bare_axis(ax) -> None:
 
 
 def feature_map_grid(
-    run_dir_or_model: str | Path | Predictor | nn.Module,
+    run_dir_or_model: str | Path | TorchPredictor | nn.Module,
     image_path: str | Path,
     out: str | Path,
     n_maps: int = 8,
@@ -284,7 +286,9 @@ def feature_map_grid(
         batch = ((pixels - mean) / std).to(_device(model))
     else:
         predictor = (
-            run_dir_or_model if isinstance(run_dir_or_model, Predictor) else Predictor.from_run(run_dir_or_model)
+            run_dir_or_model
+            if isinstance(run_dir_or_model, TorchPredictor)
+            else TorchPredictor.from_run(run_dir_or_model, backend="torch")
         )
         model = predictor.model
         batch = model_inputs(predictor, [image])

@@ -17,7 +17,7 @@ from blastscan.data.manifest import Manifest
 from blastscan.explain.cam import compute_cams, model_inputs, overlay_grid
 from blastscan.explain.localisation import localisation_summary
 from blastscan.imaging.segmentation import segment_cell
-from blastscan.inference import Predictor
+from blastscan.inference.torch_backend import TorchPredictor
 
 #: ScoreCAM needs one forward pass per channel: too slow for a whole split on a CPU, so it is not a default.
 DEFAULT_METHODS = ("gradcam", "gradcam++", "eigencam")
@@ -30,7 +30,7 @@ def _images(manifest: Manifest, rows: Sequence[int], size: int = _SEGMENT_SIZE) 
 
 
 def localisation_table(
-    predictor: Predictor,
+    predictor: TorchPredictor,
     manifest: Manifest,
     rows: Sequence[int],
     targets: np.ndarray,
@@ -89,7 +89,7 @@ def plot_localisation(table: pd.DataFrame, out: Path) -> Path:
 
 
 def confident_cases_gallery(
-    predictor: Predictor,
+    predictor: TorchPredictor,
     manifest: Manifest,
     rows: np.ndarray,
     targets: np.ndarray,

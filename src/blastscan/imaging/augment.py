@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from blastscan.errors import ConfigError
-from blastscan.imaging.preprocess import normalize_batch
 from blastscan.imaging.stain import StainJitter
 
 __all__ = ["AugmentConfig", "BatchAugment", "augmentation_grid", "save_augmentation_grid"]
@@ -378,3 +377,13 @@ def save_augmentation_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(augmentation_grid(images_uint8, augment, n_variants=n_variants, seed=seed)).save(path, "PNG")
     return path
+
+
+def channel_tensor(values: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, 3, 1, 1) float32 tensor of per-channel `values` (a mean or a std)."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 (or float 0-255) -> float32 `(x / 255 - mean) / std`; `mean`/`std` are (1, 3, 1, 1)."""
+    return (images.float() / 255.0 - mean.to(images.device)) / std.to(images.device)

@@ -4,8 +4,11 @@
    the run's stain normalisation when it was trained with one. `prepared_cache` stores exactly this for a whole
    manifest (rows are `load_resized` + the normaliser as the cache transform); training and `Predictor` both read
    it, so a file scored by `Predictor` and the same file read from a training cache are the same uint8 pixels.
-2. `normalize_batch`: a (B, 3, H, W) uint8 batch (or float in 0-255) to float32 `(x / 255 - mean) / std`, on
-   whatever device the batch is on. `BatchAugment` ends with it when it does not augment.
+2. `normalize_array`: (N, H, W, 3) prepared uint8 images to the float32 (N, 3, H, W) `(x / 255 - mean) / std`
+   batch, in NumPy (the ONNX Runtime backend); `blastscan.imaging.augment.normalize_batch` is the same on torch
+   tensors, on whatever device the batch is on (training and the torch backend).
+
+This module imports no torch: the slim deployment install (`blastscan[serve]`) prepares images with it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from PIL import Image
 
 from blastscan.data.cache import ImageCache
@@ -74,11 +76,12 @@ def prepared_cache(
     return cache
 
 
-def channel_tensor(values: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
-    """(1, 3, 1, 1) float32 tensor of per-channel `values` (a mean or a std)."""
-    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(1, 3, 1, 1)
-
-
-def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 (or float 0-255) -> float32 `(x / 255 - mean) / std`; `mean`/`std` are (1, 3, 1, 1)."""
-    return (images.float() / 255.0 - mean.to(images.device)) / std.to(images.device)
+def normalize_array(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(N, H, W, 3) uint8 prepared images -> float32 (N, 3, H, W) `(x / 255 - mean) / std` (the network's input)."""
+    batch = np.asarray(images)
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise DatasetError(f"expected a batch of (N, H, W, 3) images, got shape {batch.shape}")
+    mean_ = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, 3)
+    std_ = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, 3)
+    normalized = (batch.astype(np.float32) / np.float32(255.0) - mean_) / std_
+    return np.ascontiguousarray(normalized.transpose(0, 3, 1, 2))

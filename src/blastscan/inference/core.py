@@ -1,0 +1,321 @@
+"""`Predictor`: what every backend shares - reading, preparing and batching images, TTA, streaming.
+
+A backend subclass says how one prepared uint8 batch becomes logits (`logits_of_batch`); everything else lives
+here, in NumPy, so that this module imports no torch: the slim deployment install (`blastscan[serve]`) runs the
+ONNX Runtime backend through it. Images are prepared exactly as in training (`blastscan.imaging.preprocess`:
+resize, the run's stain normalisation, then `(x / 255 - mean) / std`).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from blastscan.data.cache import ImageCache
+from blastscan.data.manifest import Manifest
+from blastscan.errors import BlastscanError, ConfigError, DatasetError
+from blastscan.imaging.preprocess import ImageSource, prepare_image, prepared_cache
+from blastscan.imaging.stain import stain_method_from_dict
+from blastscan.registry import Registry
+from blastscan.runs import FOR_INFERENCE, RunFolder
+
+#: Inference backends by name: each is a callable (run, device=..., **options) -> Predictor.
+BACKENDS: Registry[Callable[..., Predictor]] = Registry("inference backend")
+
+#: Devices `--device` accepts besides an explicit torch device string such as "cuda:1".
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a network expects: square side, per-channel mean and std (on 0-1 pixels), and stain normalisation."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    stain_state: dict[str, Any] | None = None
+
+    @classmethod
+    def of_run(cls, run: RunFolder) -> InputSpec:
+        """The spec in a run's model card and stain state."""
+        card = run.model_card()
+        try:
+            return cls(int(card["image_size"]), tuple(card["mean"]), tuple(card["std"]), run.stain_state())
+        except KeyError as exc:
+            raise ConfigError(f"{run.model_card_path}: no {exc} field; the model card is incomplete") from None
+
+    @classmethod
+    def of_preprocessing(cls, preprocessing: dict[str, Any], source: str = "preprocessing.json") -> InputSpec:
+        """The spec an export's preprocessing.json declares."""
+        try:
+            contract = preprocessing["input"]
+            return cls(
+                int(contract["size"]),
+                tuple(contract["mean"]),
+                tuple(contract["std"]),
+                preprocessing.get("stain_normalisation"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{source}: no input {exc} field; the file is incomplete, re-export the model") from None
+
+
+@dataclass
+class ScoredBatch:
+    """One streamed batch: the sources that were read with their logits, and those that could not be read."""
+
+    sources: list[Any]
+    logits: np.ndarray
+    failures: list[tuple[Any, str]] = field(default_factory=list)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Class-1 probabilities of `logits`."""
+        return probabilities(self.logits)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Class-1 probabilities from (N, 2) logits (softmax in float64)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e[:, 1] / e.sum(axis=1)
+
+
+def dihedral_arrays(images: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips/quarter-turns of an (N, H, W, 3) batch, in the order of the torch backend's `dihedral_views`:
+    cells have no orientation, so each is an equal view."""
+    views = []
+    for flipped in (images, images[:, :, ::-1]):
+        views.extend(np.ascontiguousarray(np.rot90(flipped, k, axes=(1, 2))) for k in range(4))
+    return views
+
+
+def raise_failures(failures: list[tuple[Any, str]]) -> None:
+    """For callers that want every image scored: the first reasons as one DatasetError."""
+    if failures:
+        raise DatasetError("; ".join(reason for _, reason in failures[:5]))
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _empty_logits() -> np.ndarray:
+    return np.zeros((0, 2), dtype=np.float32)
+
+
+class Predictor(ABC):
+    """A trained network with the preprocessing it was trained with, on some backend.
+
+    `predict(images)` -> (N,) class-1 probabilities takes any iterable of paths, (H, W, 3) uint8 arrays or PIL
+    images; `stream(images)` yields `ScoredBatch`es and lists unreadable files instead of raising. The `*_prepared`
+    methods take images already prepared (an image cache's rows: resized and stain-normalised uint8).
+    `Predictor.open(path)` loads a run folder, an export folder or an .onnx file of one on the best backend there is.
+    """
+
+    #: The backend's name in BACKENDS.
+    backend: ClassVar[str] = ""
+
+    def __init__(self, spec: InputSpec, batch_size: int = 64, tta: bool = False, workers: int = 2) -> None:
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.spec = spec
+        self.batch_size = int(batch_size)
+        self.tta = bool(tta)
+        self.workers = max(1, int(workers))
+        self.stain = stain_method_from_dict(spec.stain_state) if spec.stain_state is not None else None
+
+    @classmethod
+    def from_run(
+        cls, run: str | Path | RunFolder, device: str = "auto", backend: str = "auto", **options: Any
+    ) -> Predictor:
+        """The predictor of a trained run folder (model.json + best.safetensors + stain.json), on `device`.
+
+        `backend="auto"`: ONNX Runtime on the CPU when onnxruntime is installed (the run's export is made on first
+        use and cached in the run folder), PyTorch on a GPU or when onnxruntime is missing."""
+        folder = RunFolder.open(run, need=FOR_INFERENCE)
+        return BACKENDS.get(choose_backend(backend, device))(folder, device=device, **options)
+
+    @classmethod
+    def open(cls, path: str | Path, device: str = "auto", backend: str = "auto", **options: Any) -> Predictor:
+        """The predictor of a run folder, an export folder (`blastscan export`), or one .onnx file in an export
+        folder (model.int8.onnx picks the quantised model). Export folders run on ONNX Runtime."""
+        from blastscan.inference.onnx_backend import OnnxPredictor
+        from blastscan.runs import ExportFolder
+
+        path = Path(path)
+        if path.suffix == ".onnx" and ExportFolder.is_export(path.parent):
+            return OnnxPredictor.from_export(path.parent, model_file=path.name, device=device, **options)
+        if ExportFolder.is_export(path):
+            return OnnxPredictor.from_export(path, device=device, **options)
+        return cls.from_run(path, device=device, backend=backend, **options)
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    # ------------------------------------------------------------------------------------------- preparing
+
+    def prepare(self, source: ImageSource) -> np.ndarray:
+        """One image as the network sees it before normalisation: (S, S, 3) uint8, stain-normalised."""
+        return prepare_image(source, self.image_size, self.stain)
+
+    def image_cache(self, manifest: Manifest, cache_dir: str | Path | None = None, workers: int = 2) -> ImageCache:
+        """The (built) image cache of `manifest`'s images prepared for this network: its size, its stain."""
+        return prepared_cache(manifest, self.image_size, self.stain, self.spec.stain_state, cache_dir, workers)
+
+    # ------------------------------------------------------------------------------------------- the network
+
+    @abstractmethod
+    def logits_of_batch(self, images: np.ndarray) -> np.ndarray:
+        """(n, 2) float32 logits of one batch of (n, S, S, 3) prepared uint8 images (n <= batch_size)."""
+
+    def plain_and_tta_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(plain, TTA) logits of one prepared batch: TTA is the mean logit over the 8 dihedral views, and the
+        first view is the batch itself."""
+        views = np.stack([self.logits_of_batch(view) for view in dihedral_arrays(images)])
+        return views[0], views.mean(axis=0)
+
+    def _batch_logits(self, images: np.ndarray, tta: bool | None) -> np.ndarray:
+        if self.tta if tta is None else tta:
+            return self.plain_and_tta_of_batch(images)[1]
+        return self.logits_of_batch(images)
+
+    def logits_prepared(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """(N, 2) logits of (N, S, S, 3) prepared uint8 images, in batches."""
+        outputs = [
+            self._batch_logits(np.ascontiguousarray(images[start : start + self.batch_size]), tta)
+            for start in range(0, len(images), self.batch_size)
+        ]
+        return np.concatenate(outputs) if outputs else _empty_logits()
+
+    def predict_prepared(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """(N,) class-1 probabilities of prepared images."""
+        return probabilities(self.logits_prepared(images, tta))
+
+    def _row_batches(self, cache: ImageCache, rows: np.ndarray) -> Iterator[np.ndarray]:
+        """Prepared uint8 batches of cache rows `rows`, read from the memory map one batch at a time."""
+        array = cache.array()
+        for start in range(0, len(rows), self.batch_size):
+            yield np.ascontiguousarray(array[np.asarray(rows[start : start + self.batch_size])])
+
+    def logits_of_rows(self, cache: ImageCache, rows: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """(N, 2) logits of cache rows `rows`, read one batch at a time."""
+        outputs = [self._batch_logits(batch, tta) for batch in self._row_batches(cache, rows)]
+        return np.concatenate(outputs) if outputs else _empty_logits()
+
+    def logits_of_rows_with_tta(self, cache: ImageCache, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(plain, TTA) (N, 2) logits of cache rows `rows`, both from one pass over the 8 views."""
+        plain, tta = [_empty_logits()], [_empty_logits()]
+        for batch in self._row_batches(cache, rows):
+            one, mean = self.plain_and_tta_of_batch(batch)
+            plain.append(one)
+            tta.append(mean)
+        return np.concatenate(plain), np.concatenate(tta)
+
+    def embed(self, images: Iterable[ImageSource]) -> np.ndarray:
+        """(N, D) pooled penultimate features; only the torch backend has them."""
+        raise ConfigError(f"the {self.backend} backend gives no pooled features; open the run with backend='torch'")
+
+    # --------------------------------------------------------------------------------------------- streaming
+
+    def _read(self, source: Any) -> np.ndarray | str:
+        """The prepared image, or why it could not be read."""
+        try:
+            return self.prepare(source)
+        except BlastscanError as exc:
+            # The reader's message ends with advice for `data scan` ("; ... --skip-bad"); predict skips anyway.
+            return str(exc).rsplit("; ", 1)[0]
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return f"{source}: not a readable image ({type(exc).__name__}: {exc})"
+
+    def prepared_batches(self, sources: Iterable[Any]) -> Iterator[tuple[list[Any], np.ndarray, list[tuple]]]:
+        """(sources read, their (n, S, S, 3) prepared images, [(source, reason) unreadable]) per batch.
+
+        Decoding runs on `workers` threads one batch ahead of the caller; at most three batches are held."""
+        size = self.image_size
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="blastscan-decode") as pool:
+            pending: deque[tuple[list[Any], list[Future]]] = deque()
+            for chunk in _chunks(sources, self.batch_size):
+                pending.append((chunk, [pool.submit(self._read, source) for source in chunk]))
+                if len(pending) > 2:
+                    yield self._collect(*pending.popleft(), size)
+            while pending:
+                yield self._collect(*pending.popleft(), size)
+
+    @staticmethod
+    def _collect(chunk: list[Any], futures: list[Future], size: int) -> tuple[list[Any], np.ndarray, list[tuple]]:
+        read, images, failures = [], [], []
+        for source, future in zip(chunk, futures, strict=True):
+            result = future.result()
+            if isinstance(result, str):
+                failures.append((source, result))
+            else:
+                read.append(source)
+                images.append(result)
+        stacked = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
+        return read, stacked, failures
+
+    def stream(self, sources: Iterable[Any], tta: bool | None = None) -> Iterator[ScoredBatch]:
+        """Score any number of images in constant memory, one `ScoredBatch` per batch; unreadable ones are listed
+        in the batch's `failures`, never raised."""
+        for read, images, failures in self.prepared_batches(sources):
+            logits = self.logits_prepared(images, tta) if len(images) else _empty_logits()
+            yield ScoredBatch(read, logits, failures)
+
+    def _all(self, sources: Sequence[Any] | Iterable[Any], tta: bool | None) -> np.ndarray:
+        logits = []
+        for batch in self.stream(sources, tta):
+            raise_failures(batch.failures)
+            logits.append(batch.logits)
+        return np.concatenate(logits) if logits else _empty_logits()
+
+    def predict_logits(self, images: Iterable[ImageSource], tta: bool | None = None) -> np.ndarray:
+        """(N, 2) logits of images (paths, arrays or PIL images); an unreadable image raises DatasetError."""
+        return self._all(images, tta)
+
+    def predict(self, images: Iterable[ImageSource], tta: bool | None = None) -> np.ndarray:
+        """(N,) class-1 probabilities of images (paths, arrays or PIL images)."""
+        return probabilities(self._all(images, tta))
+
+
+def installed(module: str) -> bool:
+    """True when `module` can be imported here (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def choose_backend(backend: str, device: str) -> str:
+    """The backend "auto" stands for: ONNX Runtime for the CPU when it is installed, PyTorch for a GPU (and
+    wherever onnxruntime is missing); a named backend is returned as it is."""
+    if backend != "auto":
+        return backend
+    wants_gpu = str(device).lower() not in ("auto", "cpu")
+    if not wants_gpu and str(device).lower() == "auto" and installed("torch"):
+        import torch  # only to ask whether there is a GPU: the slim install has no torch, and no GPU path
+
+        wants_gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
+    if not wants_gpu and installed("onnxruntime"):
+        return "onnx"
+    return "torch"

@@ -1,0 +1,98 @@
+"""Making ONNX files from a torch network: the float32 export and the INT8 static quantisation.
+
+`export_onnx` uses torch's TorchScript-based exporter (`dynamo=False`: it needs no onnxscript and gives a plain
+opset-17 graph that ONNX Runtime and mobile runtimes read) with a dynamic batch axis. `quantize_int8` is ONNX
+Runtime's `quantize_static` in QDQ format with per-channel int8 weights, after ONNX Runtime's own pre-processing
+(`quant_pre_process`: shape inference and graph optimisation), calibrated on the images it is given - the caller
+passes training-split images, never test images. Files are written under a temporary name and renamed, so a
+crash never leaves a half-written model where a reader would take it for a finished one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from blastscan.inference.onnx_backend import INPUT_NAME, OUTPUT_NAME
+
+#: The ONNX opset: 17 is read by every ONNX Runtime since 1.11 and by ONNX Runtime Mobile.
+OPSET = 17
+
+
+def _temporary_beside(path: Path) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".onnx.part", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
+    """`model` as a float32 ONNX file at `path`: input `image` (N, 3, S, S) normalised, output `logits` (N, 2)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+    example = torch.zeros(2, 3, image_size, image_size)
+    part = _temporary_beside(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(
+                model,
+                (example,),
+                str(part),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return path
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader over normalised (N, 3, S, S) batches."""
+
+    def __init__(self, batches: Iterator[np.ndarray]) -> None:
+        self._batches = batches
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def quantize_int8(fp32_file: str | Path, path: str | Path, calibration: Iterator[np.ndarray]) -> Path:
+    """The static INT8 model of `fp32_file` at `path` (QDQ, per-channel int8 weights, uint8 activations),
+    calibrated with MinMax on the normalised batches `calibration` yields."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    path = Path(path)
+    prepared = _temporary_beside(path)
+    part = _temporary_beside(path)
+    try:
+        quant_pre_process(str(fp32_file), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(part),
+            _Calibration(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        os.replace(part, path)
+    finally:
+        prepared.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
+    return path
