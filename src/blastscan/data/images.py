@@ -133,8 +133,8 @@ def load_resized(path: str | Path, size: int) -> np.ndarray:
     return resize_rgb(load_rgb(path, min_side=size), size)
 
 
-#: The Pillow formats `decode_rgb` opens: those of IMAGE_SUFFIXES (MPO is how Pillow names many cameras' JPEGs).
-UPLOAD_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP")
+#: The Pillow formats `decode_rgb` opens: those of IMAGE_SUFFIXES (Pillow's JPEG opener also gives camera MPO files).
+UPLOAD_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
 
 
 def decode_rgb(data: bytes, name: str, min_side: int | None = None, max_pixels: int | None = None) -> np.ndarray:

@@ -62,7 +62,9 @@ def read_limited(handle: BinaryIO, name: str, max_bytes: int) -> bytes:
     """The upload's bytes; UploadError 413 when it holds more than `max_bytes` (never reads more than one byte past)."""
     data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise UploadError(f"{name}: the file is larger than the {max_bytes:,} bytes accepted; send a smaller image", 413)
+        raise UploadError(
+            f"{name}: the file is larger than the {max_bytes:,} bytes accepted; send a smaller image", 413
+        )
     return data
 
 
@@ -83,7 +85,9 @@ def _decode(data: bytes, name: str, max_pixels: int, min_side: int | None = None
     except Exception as exc:
         # A decoder failing in a way Pillow does not document (hostile bytes reach code paths files rarely do) is
         # still a file the service cannot read, not a fault of the service.
-        raise UploadError(f"{name}: cannot decode the image ({type(exc).__name__}); send a JPEG, PNG, TIFF or BMP") from exc
+        raise UploadError(
+            f"{name}: cannot decode the image ({type(exc).__name__}); send a JPEG, PNG, TIFF or BMP"
+        ) from exc
 
 
 def decode_cell(data: bytes, name: str, max_pixels: int, input_side: int) -> np.ndarray:
