@@ -225,7 +225,7 @@ def _validation_message(exc: RequestValidationError, upload_fields: dict[str, st
     parts = []
     for error in exc.errors():
         location = [str(part) for part in error.get("loc", ())]
-        name = location[-1] if location else "request"
+        name = location[1] if len(location) > 1 else "request"  # ("body", "files", 0): the field, then the item
         if location[:1] == ["body"] and name in upload_fields:
             if error.get("type") == "missing":
                 parts.append(
@@ -267,6 +267,7 @@ def create_app(analyzer: FieldAnalyzer, card: dict[str, Any], limits: ServiceLim
     limits = limits or ServiceLimits()
     too_large = _too_large(limits.max_upload_bytes)
     too_many = f"more than {limits.max_files} files in one request; send the cells in batches of {limits.max_files}"
+    one_field = "more than one file in the request; send each field in a request of its own"
     # The parser stops at the limits rather than spooling every part to disk first; a few form fields are allowed
     # (clients such as curl's -F may add one) but no more.
     form_limits = {"max_files": limits.max_files, "max_fields": 8}
@@ -306,7 +307,8 @@ def create_app(analyzer: FieldAnalyzer, card: dict[str, Any], limits: ServiceLim
             message = f"no such page: {request.url.path}; see /docs for the endpoints"
         elif status == 400 and message.startswith("Too many files"):
             # The multipart parser stops at `form_limits` max_files and says so only in words.
-            status, message = 413, too_many
+            status = 413
+            message = one_field if request.url.path.endswith("/fields") else too_many
         elif status == 400:
             message = f"the request body could not be read ({message}); send multipart/form-data"
         return _error(status, message, getattr(exc, "headers", None))
