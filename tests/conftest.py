@@ -64,3 +64,13 @@ def stain_run(allidb2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         "trainer": {"max_epochs": 1, "batch_size": 32},
     }
     return train(parse_config(tree), progress_bar=False).run_dir
+
+
+@pytest.fixture(scope="session")
+def stain_export(stain_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`stain_run` exported with `blastscan export --int8` (model.onnx, model.int8.onnx, preprocessing.json)."""
+    from blastscan.workflows.export import export_run
+
+    out = tmp_path_factory.mktemp("stain_export") / "export"
+    export_run(stain_run, out, int8=True, calibration=64)
+    return out

@@ -78,6 +78,18 @@ DeviceOption = Annotated[
 ]
 
 
+#: `--backend` on the commands that score images.
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        help="How the network runs: auto (ONNX Runtime on the CPU when installed, else torch; torch on a GPU), "
+        "onnx or torch. An exported model folder always runs on ONNX Runtime."
+    ),
+]
+#: `--int8` on the commands that take an exported model folder.
+Int8Option = Annotated[bool, typer.Option("--int8", help="Use the export folder's model.int8.onnx.")]
+
+
 @contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """A Rich progress bar; yields the callback the library calls with the number of items done."""
@@ -399,7 +411,9 @@ class RateColumn(ProgressColumn):
 
 @command(app)
 def predict(
-    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
+    run: Annotated[
+        Path, typer.Argument(help="A run folder (`blastscan train`) or an exported model folder (`blastscan export`).")
+    ],
     inputs: Annotated[
         list[str], typer.Argument(help="Image files, folders (recursive), globs, lab CSVs or manifests, in any mix.")
     ],
@@ -408,8 +422,11 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     tta: Annotated[bool, typer.Option(help="Average the 8 flips/rotations of each image.")] = False,
     workers: Annotated[int, typer.Option(help="Image-decoding threads.")] = 2,
+    backend: BackendOption = "auto",
+    int8: Int8Option = False,
 ) -> None:
-    """Score images with a trained run: path, probability and call (at the run's validation-chosen threshold)."""
+    """Score images with a trained run or exported model: path, probability and call (at the validation-chosen
+    threshold)."""
     from blastscan.workflows.predict import count_sources
     from blastscan.workflows.predict import predict as run_predict
 
@@ -421,7 +438,7 @@ def predict(
         task = bar.add_task("scoring", total=total)
         result = run_predict(
             run, inputs, out, device=device, batch_size=batch_size, tta=tta, workers=workers,
-            progress=lambda n: bar.advance(task, n),
+            progress=lambda n: bar.advance(task, n), backend=backend, int8=int8,
         )  # fmt: skip
     for path, reason in result.failures[:20]:
         err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
@@ -442,7 +459,9 @@ def predict(
 
 @command(app)
 def analyze(
-    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
+    run: Annotated[
+        Path, typer.Argument(help="A run folder (`blastscan train`) or an exported model folder (`blastscan export`).")
+    ],
     fields: Annotated[list[str], typer.Argument(help="Smear field images, folders (recursive) or globs.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per field).")] = Path(
         "fields"
@@ -457,6 +476,8 @@ def analyze(
     red_cell_diameter: Annotated[
         float | None, typer.Option(help="Red-cell diameter in pixels, when known (default: measured per field).")
     ] = None,
+    backend: BackendOption = "auto",
+    int8: Int8Option = False,
 ) -> None:
     """Find every leukocyte in smear fields, score each, count blasts and call each smear."""
     from blastscan.workflows.analyze import analyze as run_analyze
@@ -466,7 +487,7 @@ def analyze(
     with progress_bar("analysing fields", total) as advance:
         result = run_analyze(
             run, fields, out, device=device, cell_threshold=cell_threshold, smear_threshold=smear_threshold,
-            red_cell_diameter=red_cell_diameter, progress=advance,
+            red_cell_diameter=red_cell_diameter, progress=advance, backend=backend, int8=int8,
         )  # fmt: skip
     for path, reason in result.failures:
         err_console.print(f"[yellow]not analysed[/] {path}: {reason}", highlight=False, soft_wrap=True)
@@ -482,6 +503,73 @@ def analyze(
         f"summary.csv) in {result.seconds:.1f} s",
         highlight=False,
     )
+
+
+class ExportFormat(StrEnum):
+    onnx = "onnx"
+
+
+@command(app)
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train` (with its dataset reachable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The export folder to write.")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="The model format.")] = ExportFormat.onnx,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write a statically quantised model.int8.onnx.")] = False,
+    calibration: Annotated[int, typer.Option(help="Training-split images that calibrate the INT8 model.")] = 256,
+    parity_images: Annotated[
+        int | None, typer.Option(help="Test images the parity check scores (default: the whole test split).")
+    ] = None,
+) -> None:
+    """Export a run as a deployable ONNX model folder (model.onnx, model.int8.onnx, preprocessing.json, model
+    card) and measure its parity with the torch model on the run's test split."""
+    from blastscan.workflows.export import export_run
+
+    result = export_run(run, out, int8=int8, calibration=calibration, parity_images=parity_images, progress=say)
+    table = Table("model", "AUROC (95% CI)", "accuracy", "sensitivity", "specificity", title="test split")
+    for name, m in result.parity["models"].items():
+        low, high = m["auroc_ci95"]
+        table.add_row(
+            name, f"{m['auroc']:.4f} ({low:.4f}-{high:.4f})", f"{m['accuracy']:.3f}", f"{m['sensitivity']:.3f}",
+            f"{m['specificity']:.3f}",
+        )  # fmt: skip
+    console.print(table)
+    for name, check in result.parity["checks"].items():
+        mark = "[green]passed[/]" if check["passed"] else "[bold red]FAILED[/]"
+        console.print(f"{name} ({check['tolerance']}): {mark}", highlight=False)
+    console.print(f"wrote {result.folder.path} in {result.seconds:.0f} s", highlight=False)
+    if not result.passed:
+        err_console.print(
+            "[bold yellow]warning:[/] a parity check failed (see parity.json); the model was written but check it "
+            "before deploying it",
+            highlight=False,
+        )
+        raise typer.Exit(code=1)
+
+
+@command(app)
+def serve(
+    model: Annotated[
+        Path, typer.Argument(help="An exported model folder (`blastscan export`), an .onnx file in one, or a run.")
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body, MB (413 beyond).")] = 20.0,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest image, width x height (refused beyond).")] = 40_000_000,
+    max_files: Annotated[int, typer.Option(help="Most cell crops in one request.")] = 64,
+    device: DeviceOption = "auto",
+    backend: BackendOption = "auto",
+    int8: Int8Option = False,
+) -> None:
+    """Serve a model over HTTP: the web page at /, the API under /v1 (documented at /docs), /healthz."""
+    from blastscan.deploy.service import ServiceLimits
+    from blastscan.workflows.serve import serve as run_service
+
+    size = int(max_upload_mb * 1024 * 1024)
+    limits = ServiceLimits(
+        max_upload_bytes=size, max_file_bytes=size, max_image_pixels=max_image_pixels, max_files=max_files
+    )
+    console.print(f"serving {model} on http://{host}:{port} (page at /, API docs at /docs)", highlight=False)
+    run_service(model, host, port, limits, device=device, backend=backend, int8=int8)
 
 
 @command(app, "evaluate-fields")

@@ -35,7 +35,7 @@ from blastscan.runs import RunFolder
 from blastscan.smear.analysis import CELL_COLUMNS, SCORE_BATCH, FieldAnalyzer
 from blastscan.smear.framing import Framing
 from blastscan.smear.render import DISCLAIMER
-from blastscan.workflows import analyze as analyze_module
+from blastscan.workflows import loaded_model as loaded_model_module
 from blastscan.workflows.analyze import analyze
 from blastscan.workflows.thresholds import ensure_operating_points
 from browser import chromium, run_chromium
@@ -196,8 +196,8 @@ def test_same_stems_get_their_own_folders_and_the_framing_is_measured_once(
         path.parent.mkdir()
         path.symlink_to(source)
     measured = []
-    real_measure = analyze_module.measure_framing
-    monkeypatch.setattr(analyze_module, "measure_framing", lambda p: measured.append(1) or real_measure(p))
+    real_measure = loaded_model_module.measure_framing
+    monkeypatch.setattr(loaded_model_module, "measure_framing", lambda p: measured.append(1) or real_measure(p))
     stages: list[str] = []
 
     @contextlib.contextmanager

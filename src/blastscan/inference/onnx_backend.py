@@ -91,10 +91,10 @@ class OnnxPredictor(Predictor):
         return np.asarray(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], dtype=np.float32)
 
 
-def run_onnx_file(run: RunFolder) -> Path:
-    """The run's cached ONNX export, made (with torch) when the weights have none yet."""
+def run_onnx_file(run: RunFolder, remake: bool = False) -> Path:
+    """The run's cached ONNX export, made (with torch) when the weights have none yet, or with `remake`."""
     path = run.onnx_cache_path()
-    if path.is_file():
+    if path.is_file() and not remake:
         return path
     if not installed("torch"):
         raise ConfigError(
@@ -108,5 +108,12 @@ def run_onnx_file(run: RunFolder) -> Path:
 
 
 def onnx_predictor(run: RunFolder, device: str = "auto", **options: Any) -> OnnxPredictor:
-    """The OnnxPredictor of a run folder (exported on first use, cached in the run folder)."""
-    return OnnxPredictor(run_onnx_file(run), InputSpec.of_run(run), device=device, **options)
+    """The OnnxPredictor of a run folder (exported on first use, cached in the run folder; a cached file that
+    does not load is made again, once)."""
+    spec = InputSpec.of_run(run)
+    try:
+        return OnnxPredictor(run_onnx_file(run), spec, device=device, **options)
+    except ConfigError:
+        if not installed("torch"):
+            raise
+        return OnnxPredictor(run_onnx_file(run, remake=True), spec, device=device, **options)

@@ -3,13 +3,15 @@
 `export_onnx` uses torch's TorchScript-based exporter (`dynamo=False`: it needs no onnxscript and gives a plain
 opset-17 graph that ONNX Runtime and mobile runtimes read) with a dynamic batch axis. `quantize_int8` is ONNX
 Runtime's `quantize_static` in QDQ format with per-channel int8 weights, after ONNX Runtime's own pre-processing
-(`quant_pre_process`: shape inference and graph optimisation), calibrated on the images it is given - the caller
-passes training-split images, never test images. Files are written under a temporary name and renamed, so a
-crash never leaves a half-written model where a reader would take it for a finished one.
+(`quant_pre_process`: shape inference and graph optimisation), calibrated on the images it is given by one of
+`INT8_RECIPES` - the caller passes training-split images, never test images. Files are written under a temporary
+name and renamed, so a crash never leaves a half-written model where a reader would take it for a finished one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from blastscan.errors import ConfigError
 from blastscan.inference.onnx_backend import INPUT_NAME, OUTPUT_NAME
 
 #: The ONNX opset: 17 is read by every ONNX Runtime since 1.11 and by ONNX Runtime Mobile.
@@ -29,6 +32,7 @@ OPSET = 17
 def _temporary_beside(path: Path) -> Path:
     handle, name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".onnx.part", dir=path.parent)
     os.close(handle)
+    os.chmod(name, 0o644)  # mkstemp makes it private; a model file is read by services running as other users
     return Path(name)
 
 
@@ -70,27 +74,43 @@ class _Calibration:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def quantize_int8(fp32_file: str | Path, path: str | Path, calibration: Iterator[np.ndarray]) -> Path:
+#: The INT8 recipes `quantize_int8` knows: how activation ranges are calibrated, and whether the classifier head
+#: (the Gemm/MatMul nodes) stays float32. MinMax takes the extreme activations, which a few outliers stretch;
+#: Percentile (99.99th) clips them; a float head keeps the last layer's few, decisive weights exact.
+INT8_RECIPES = ("minmax", "percentile", "minmax-float-head", "percentile-float-head")
+
+
+def quantize_int8(
+    fp32_file: str | Path, path: str | Path, calibration: Iterator[np.ndarray], recipe: str = "percentile"
+) -> Path:
     """The static INT8 model of `fp32_file` at `path` (QDQ, per-channel int8 weights, uint8 activations),
-    calibrated with MinMax on the normalised batches `calibration` yields."""
+    calibrated on the normalised batches `calibration` yields, by one of INT8_RECIPES."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if recipe not in INT8_RECIPES:
+        raise ConfigError(f"INT8 recipe {recipe!r}: choose one of {', '.join(INT8_RECIPES)}")
     path = Path(path)
     prepared = _temporary_beside(path)
     part = _temporary_beside(path)
     try:
         quant_pre_process(str(fp32_file), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(part),
-            _Calibration(calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        head = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Gemm", "MatMul")]
+        percentile = recipe.startswith("percentile")
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            quantize_static(
+                str(prepared),
+                str(part),
+                _Calibration(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.Percentile if percentile else CalibrationMethod.MinMax,
+                extra_options={"CalibPercentile": 99.99} if percentile else {},
+                nodes_to_exclude=head if recipe.endswith("float-head") else [],
+            )
         os.replace(part, path)
     finally:
         prepared.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""`blastscan analyze`: read whole smear fields with a trained run, one output folder per field.
+"""`blastscan analyze`: read whole smear fields with a trained run or an exported model, one output folder per field.
 
 Per field `<out>/<field>/`: `cells.csv` (id, centroid, box, area, probability, call, border flag), `overlay.png`,
 `summary.json` (leukocytes, blasts, blast percentage with its Wilson interval, the smear call) and `page.html` (one
@@ -9,7 +9,8 @@ one-line reason, not fatal: an unreadable file, a decompression bomb, an image s
 without colour (the finder tells nuclei by their stain's colour, so a grey-scale field would read as empty). The
 overlays of an earlier call into the same `out` are not inputs. Nothing is written outside `out`, except that a
 run used for the first time stores its validation-chosen threshold (`operating_points.json`, and the image cache of
-its validation images when missing), as `predict` does.
+its validation images when missing) and its ONNX export (`onnx/`), as `predict` does. An export folder is read as
+it is, with no torch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import numpy as np
 
 from blastscan.data.images import load_rgb
 from blastscan.errors import BlastscanError, DatasetError
-from blastscan.inference import Predictor
 from blastscan.runs import RunFolder, write_json
 from blastscan.smear.analysis import (
     CELL_COLUMNS,
@@ -37,10 +37,9 @@ from blastscan.smear.analysis import (
     StageClock,
     no_clock,
 )
-from blastscan.smear.framing import Framing, measure_framing
 from blastscan.smear.render import field_page, folder_page, overlay_image, save_png
+from blastscan.workflows.loaded_model import LoadedModel, load_model, run_framing
 from blastscan.workflows.predict import iter_sources
-from blastscan.workflows.thresholds import ensure_operating_points
 
 __all__ = [
     "MIN_FIELD_SIDE",
@@ -85,29 +84,24 @@ class AnalyzeResult:
     seconds: float = 0.0
 
 
-def run_framing(run: RunFolder) -> Framing:
-    """How the run's training images frame their cell (measured on a sample of its training split)."""
-    manifest = run.manifest()
-    paths = manifest.absolute_paths()
-    rows = run.rows("train", manifest)
-    return measure_framing([paths[i] for i in rows])
-
-
 def field_analyzer(
-    run: RunFolder,
+    model: str | Path | RunFolder | LoadedModel,
     device: str = "auto",
     cell_threshold: float | None = None,
     smear_threshold: float | None = None,
     red_cell_diameter: float | None = None,
+    backend: str = "auto",
+    int8: bool = False,
 ) -> FieldAnalyzer:
-    """A FieldAnalyzer for a run: its network, its training framing, its validation-chosen cell threshold."""
-    predictor = Predictor.from_run(run, device=device)
-    if cell_threshold is None:
-        cell_threshold = float(ensure_operating_points(run, predictor)["threshold"])
+    """A FieldAnalyzer for a run or an exported model: its network, its training framing, its validation-chosen
+    cell threshold (unless `cell_threshold` is given)."""
+    if not isinstance(model, LoadedModel):
+        path = model.path if isinstance(model, RunFolder) else model
+        model = load_model(path, device=device, backend=backend, int8=int8)
     return FieldAnalyzer(
-        predictor,
-        run_framing(run),
-        cell_threshold,
+        model.predictor,
+        model.framing(),
+        model.threshold if cell_threshold is None else cell_threshold,
         DEFAULT_SMEAR_THRESHOLD if smear_threshold is None else smear_threshold,
         red_cell_diameter,
     )
@@ -118,26 +112,20 @@ def open_analyzer(
     device: str = "auto",
     cell_threshold: float | None = None,
     smear_threshold: float | None = None,
+    backend: str = "auto",
+    int8: bool = False,
 ) -> tuple[FieldAnalyzer, dict[str, Any]]:
-    """The FieldAnalyzer of a trained run folder, and the run's public model card (name, classes, input size, mean,
-    std, the validation-chosen threshold, where it came from): what the service answers with."""
-    run = RunFolder.open(model, need=("model_card", "weights"))
-    analyzer = field_analyzer(run, device, cell_threshold, smear_threshold)
-    card = run.model_card()
-    public = {
-        "name": card.get("name"),
-        "model": run.name,
-        "source": "run",
-        "classes": card.get("classes"),
-        "image_size": card.get("image_size"),
-        "mean": card.get("mean"),
-        "std": card.get("std"),
-        "stain_normalisation": (run.stain_state() or {}).get("method"),
+    """The FieldAnalyzer of a run folder or an exported model, and its public model card (name, classes, input
+    size, mean, std, the validation-chosen threshold, backend, where it came from): what the service answers with."""
+    loaded = load_model(model, device=device, backend=backend, int8=int8)
+    analyzer = field_analyzer(loaded, cell_threshold=cell_threshold, smear_threshold=smear_threshold)
+    card = {
+        **loaded.card,
         "threshold": analyzer.cell_threshold,
         "smear_threshold_percentage": round(100 * analyzer.smear_threshold, 2),
         "framing_cell_fraction": analyzer.framing.cell_fraction,
     }
-    return analyzer, public
+    return analyzer, card
 
 
 def _unique_names(paths: Sequence[str]) -> Iterator[tuple[str, str]]:
@@ -224,7 +212,7 @@ def _summary_row(name: str, path: str, analysis: FieldAnalysis, seconds: float) 
 
 
 def analyze(
-    run_dir: str | Path,
+    model_dir: str | Path,
     inputs: Sequence[str | Path],
     out: str | Path,
     *,
@@ -234,8 +222,11 @@ def analyze(
     red_cell_diameter: float | None = None,
     progress: Callable[[int], None] | None = None,
     clock: StageClock = no_clock,
+    backend: str = "auto",
+    int8: bool = False,
 ) -> AnalyzeResult:
-    """Analyse every field `inputs` name (files, folders, globs) with a run; write the outputs under `out`.
+    """Analyse every field `inputs` name (files, folders, globs) with a run or an exported model (`load_model`);
+    write the outputs under `out`.
 
     `clock` times the stages: "setup" (the run's network, framing and threshold: once per call), per field
     "decode", the FieldAnalyzer's "find", "crop", "score", "count", and "write" (its four files), then "index"
@@ -246,8 +237,10 @@ def analyze(
     out = Path(out)
     sources = list(iter_sources(inputs))
     with clock("setup"):
-        run = RunFolder.open(run_dir, need=("model_card", "weights"))
-        analyzer = field_analyzer(run, device, cell_threshold, smear_threshold, red_cell_diameter)
+        model = load_model(model_dir, device=device, backend=backend, int8=int8)
+        analyzer = field_analyzer(
+            model, cell_threshold=cell_threshold, smear_threshold=smear_threshold, red_cell_diameter=red_cell_diameter
+        )
     out.mkdir(parents=True, exist_ok=True)
     resolved_out = Path(os.path.realpath(out))
     result = AnalyzeResult(out)
@@ -264,14 +257,14 @@ def analyze(
             result.failures.append((path, _reason(path, exc)))
         else:
             with clock("write"):
-                write_field(out / name, name, image, analysis, run.name)
+                write_field(out / name, name, image, analysis, model.name)
             row = _summary_row(name, path, analysis, time.perf_counter() - field_started)
             row["page"] = f"{name}/page.html"
             result.rows.append(row)
         if progress is not None:
             progress(1)
     with clock("index"):
-        _write_folder_outputs(result, run.name, analyzer)
+        _write_folder_outputs(result, model.name, analyzer)
     result.seconds = time.perf_counter() - started
     if not result.rows:
         raise DatasetError(

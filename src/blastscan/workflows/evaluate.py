@@ -210,6 +210,8 @@ def _explanations(
     # Imported here: explanations pull in pytorch-grad-cam (and OpenCV), which plain scoring does not need.
     from blastscan.explain.split_explanations import confident_cases_gallery, localisation_table, plot_localisation
 
+    if predictor.backend != "torch":  # CAMs need the torch module; ONNX Runtime scored on the CPU, so stay there
+        predictor = Predictor.from_run(run, device="cpu", backend="torch", batch_size=predictor.batch_size)
     made = {
         "cams": confident_cases_gallery(
             predictor, manifest, scored.rows, scored.targets, scored.probability, metrics["threshold"],

@@ -25,9 +25,7 @@ from blastscan.data.images import is_image_file
 from blastscan.data.manifest import read_manifest
 from blastscan.data.scan import is_manifest
 from blastscan.errors import ConfigError, DatasetError
-from blastscan.inference import Predictor
-from blastscan.runs import RunFolder
-from blastscan.workflows.thresholds import ensure_operating_points
+from blastscan.workflows.loaded_model import load_model
 
 #: The first line of a predictions CSV starts with this, followed by JSON: the run, threshold and settings.
 PREDICTIONS_MAGIC = "# blastscan-predictions "
@@ -101,7 +99,7 @@ def count_sources(inputs: Sequence[str | Path]) -> int:
 
 
 def predict(
-    run_dir: str | Path,
+    model_dir: str | Path,
     inputs: Sequence[str | Path],
     out: str | Path,
     device: str = "auto",
@@ -109,29 +107,33 @@ def predict(
     tta: bool = False,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
+    backend: str = "auto",
+    int8: bool = False,
 ) -> PredictResult:
-    """Score every image `inputs` name with the run's model; write `path, probability, call` rows to `out`.
+    """Score every image `inputs` name with a run's or an exported model (`load_model`); write `path, probability,
+    call` rows to `out`.
 
     The CSV's first line is `# blastscan-predictions {json}`: the run, the model, the threshold and where it came
     from, and TTA. It is written as `<out>.part` and renamed when complete, so an interrupted run never leaves a
     file that looks finished. Raises DatasetError when no image could be read (the skipped list is written first).
     """
     started = time.perf_counter()
-    run = RunFolder.open(run_dir, need=("model_card", "weights"))
-    predictor = Predictor.from_run(run, device=device, batch_size=batch_size, tta=tta, workers=workers)
-    points = ensure_operating_points(run, predictor, tta=tta)
-    threshold = float(points["threshold"])
+    model = load_model(
+        model_dir, device=device, backend=backend, int8=int8, tta=tta, batch_size=batch_size, workers=workers
+    )
+    predictor = model.predictor
+    threshold = model.threshold
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    card = run.model_card()
     header = {
-        "run": str(run.path.resolve()),
-        "model": card.get("name"),
+        "run": str(model.path.resolve()),
+        "model": model.card.get("name"),
         "threshold": threshold,
-        "threshold_from": points["chosen_on"],
+        "threshold_from": model.points["chosen_on"],
         "tta": tta,
-        "positive_label": card.get("classes", ["", "positive"])[-1],
+        "positive_label": (model.card.get("classes") or ["", "positive"])[-1],
         "device": str(predictor.device),
+        "backend": predictor.backend,
     }
     partial = out.with_name(out.name + ".part")
     failures: list[tuple[str, str]] = []

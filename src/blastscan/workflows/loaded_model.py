@@ -1,0 +1,145 @@
+"""A trained model as `predict`, `analyze` and `serve` take it: a run folder, or an exported model folder.
+
+`load_model(path)` gives one `LoadedModel` either way: the `Predictor` (for a run: the backend `auto` picks; for
+an export: ONNX Runtime on model.onnx, or model.int8.onnx when the path names it or `int8` is set), the
+validation-chosen thresholds, the cell framing whole fields need, and a public model card. An export folder is
+read with no torch and no dataset: everything it needs is in its preprocessing.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blastscan import __version__
+from blastscan.errors import ConfigError
+from blastscan.inference import Predictor
+from blastscan.inference.onnx_backend import OnnxPredictor
+from blastscan.runs import ExportFolder, RunFolder
+from blastscan.smear.framing import Framing, measure_framing
+from blastscan.workflows.thresholds import ensure_operating_points
+
+__all__ = ["LoadedModel", "load_model", "run_framing"]
+
+
+def run_framing(run: RunFolder) -> Framing:
+    """How the run's training images frame their cell (measured on a sample of its training split)."""
+    manifest = run.manifest()
+    paths = manifest.absolute_paths()
+    rows = run.rows("train", manifest)
+    return measure_framing([paths[i] for i in rows])
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to score: predictor, thresholds (chosen on validation), framing, public card."""
+
+    path: Path
+    name: str
+    source: str  # "run" or "export"
+    predictor: Predictor
+    points: dict[str, Any]
+    card: dict[str, Any] = field(default_factory=dict)
+    run: RunFolder | None = None
+    _framing: Framing | None = None
+
+    @property
+    def threshold(self) -> float:
+        """The cell threshold chosen on the validation split (Youden's J)."""
+        return float(self.points["threshold"])
+
+    def framing(self) -> Framing:
+        """The training images' framing: stored in an export; measured on a run's training images once."""
+        if self._framing is None:
+            if self.run is None:
+                raise ConfigError(f"{self.path}: no framing recorded; re-export the model")
+            self._framing = run_framing(self.run)
+        return self._framing
+
+
+def _public_card(model: LoadedModel, details: dict[str, Any]) -> dict[str, Any]:
+    predictor = model.predictor
+    return {
+        "name": details.get("name"),
+        "model": model.name,
+        "source": model.source,
+        "backend": predictor.backend,
+        "model_file": getattr(predictor, "model_file", None) and Path(predictor.model_file).name,
+        "classes": details.get("classes"),
+        "image_size": predictor.image_size,
+        "mean": list(predictor.spec.mean),
+        "std": list(predictor.spec.std),
+        "stain_normalisation": (predictor.spec.stain_state or {}).get("method"),
+        "threshold": model.threshold,
+        "threshold_95_specificity": model.points.get("threshold_95_specificity"),
+        "threshold_chosen_on": model.points.get("chosen_on"),
+        "weights_sha256": details.get("weights_sha256"),
+        "blastscan_version": __version__,
+    }
+
+
+def _load_export(path: Path, int8: bool, tta: bool, device: str, options: dict[str, Any]) -> LoadedModel:
+    folder_path, model_file = (path.parent, path.name) if path.suffix == ".onnx" else (path, None)
+    export = ExportFolder.open(folder_path)
+    if model_file is None:
+        model_file = export.model_file(int8).name
+    predictor = OnnxPredictor.from_export(export, model_file=model_file, device=device, tta=tta, **options)
+    pre = export.preprocessing()
+    key = "thresholds_tta" if tta else ("thresholds_int8" if model_file == export.MODEL_INT8 else None)
+    if key == "thresholds_tta" and not pre.get(key):
+        raise ConfigError(
+            f"{export.path}: exported without TTA thresholds; score without --tta, or evaluate the run with --tta "
+            "and export it again"
+        )
+    if key is not None and not pre.get(key):
+        key = None  # an INT8 model exported before it had thresholds of its own: the float32 ones
+    points = (
+        pre[key]
+        if key
+        else {
+            "threshold": pre["threshold"],
+            "threshold_95_specificity": pre.get("threshold_95_specificity"),
+            "chosen_on": pre.get("threshold_chosen_on", "validation split"),
+        }
+    )
+    framing = pre.get("framing") or {}
+    model = LoadedModel(
+        export.path,
+        export.name,
+        "export",
+        predictor,
+        points,
+        _framing=Framing(float(framing["cell_fraction"]), int(framing["measured_on"]), str(framing["source"]))
+        if framing
+        else None,
+    )
+    details = {**pre.get("model", {}), "classes": pre.get("output", {}).get("classes")}
+    model.card = _public_card(model, details)
+    return model
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str = "auto",
+    backend: str = "auto",
+    int8: bool = False,
+    tta: bool = False,
+    **options: Any,
+) -> LoadedModel:
+    """The model at `path`: a run folder, an export folder, or an .onnx file in an export folder.
+
+    `int8` picks an export's model.int8.onnx; `options` go to the Predictor (batch_size, workers, threads)."""
+    path = Path(path)
+    if (path.suffix == ".onnx" and ExportFolder.is_export(path.parent)) or ExportFolder.is_export(path):
+        return _load_export(path, int8, tta, device, options)
+    if int8:
+        raise ConfigError(f"{path}: --int8 needs an export folder; make one with `blastscan export {path} --int8`")
+    run = RunFolder.open(path, need=("model_card", "weights"))
+    predictor = Predictor.from_run(run, device=device, backend=backend, tta=tta, **options)
+    points = ensure_operating_points(run, predictor, tta=tta)
+    model = LoadedModel(run.path, run.name, "run", predictor, points, run=run)
+    card = run.model_card()
+    model.card = _public_card(model, {"name": card.get("name"), "classes": card.get("classes")})
+    return model
