@@ -44,11 +44,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import blastscan
+from blastscan.deploy.uploads import UploadError, decode_cell, decode_field, display_name, read_limited
 from blastscan.runs import jsonable
 from blastscan.smear.analysis import CELL_COLUMNS, FieldAnalyzer
 from blastscan.smear.render import PAGE_SIDE, overlay_image, shrunk
-
-from .uploads import UploadError, decode_cell, decode_field, display_name, read_limited
 
 __all__ = ["ACCESS_LOG", "DISCLAIMER", "ServiceLimits", "create_app"]
 
@@ -70,13 +69,14 @@ class ServiceLimits(BaseModel):
     max_upload_bytes: PositiveInt = 20 * MIB
     #: One uploaded file, bytes (413).
     max_file_bytes: PositiveInt = 20 * MIB
-    #: Width x height of one image, checked from its header before any pixel is decoded (422): a decoded pixel
-    #: costs 3 bytes and the field analysis several times more, so this bounds a request's memory.
+    #: Width x height of one image, checked from its header before any pixel is decoded (422). A field costs about
+    #: 12 bytes a pixel while it is analysed (its 3 decoded bytes and the finder's working arrays: 60 MB for a
+    #: 2592x1944 field), so this bounds a request's memory: 40 Mpx, about 500 MB.
     max_image_pixels: PositiveInt = 40_000_000
     #: Cell crops in one request to /v1/cells (413).
     max_files: PositiveInt = 64
-    #: Fields analysed at the same time; more requests wait their turn. The finder's working arrays take a few
-    #: hundred MB for a 5 Mpx field, so this, not the number of clients, sets the service's peak memory.
+    #: Fields analysed at the same time; more requests wait their turn (holding no thread), so this, not the number
+    #: of clients, bounds the memory fields take: `concurrent_fields` x the per-field cost above.
     concurrent_fields: PositiveInt = 2
 
 
@@ -248,13 +248,13 @@ def _page(card: dict[str, Any]) -> tuple[str, str]:
         .replace("{{model}}", html.escape(str(card.get("model") or card.get("name") or "model")))
         .replace("{{version}}", html.escape(blastscan.__version__))
     )
-    scripts = [
+    scripts = " ".join(
         "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
         for body in re.findall(r"<script>(.*?)</script>", text, flags=re.S)
-    ]
+    )
     policy = (
         "default-src 'none'; "
-        f"script-src {' '.join(scripts) or chr(39) + 'none' + chr(39)}; "
+        f"script-src {scripts or repr('none')}; "
         "style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
@@ -357,7 +357,7 @@ def create_app(analyzer: FieldAnalyzer, card: dict[str, Any], limits: ServiceLim
         form_limits=form_limits,
         summary="Blast probability and call of each uploaded cell crop",
         description=f"Each crop is scored alone; `call` is `blast` when the probability reaches the model's "
-        f"threshold, else `other`. At most `limits.max_files` crops per request (see /v1/model). {DISCLAIMER}",
+        f"threshold, else `other`. At most {limits.max_files} crops per request. {DISCLAIMER}",
     )
     async def cells(
         files: Annotated[list[UploadFile], File(description="one or more cell crops (JPEG, PNG, TIFF, BMP)")],
