@@ -78,6 +78,9 @@ class ServiceLimits(BaseModel):
     #: Fields analysed at the same time; more requests wait their turn (holding no thread), so this, not the number
     #: of clients, bounds the memory fields take: `concurrent_fields` x the per-field cost above.
     concurrent_fields: PositiveInt = 2
+    #: Cell requests decoded and scored at the same time (each holds one decoded image at a time, up to
+    #: `max_image_pixels` x 3 bytes); more wait their turn, first come first served.
+    concurrent_cell_requests: PositiveInt = 4
 
 
 class _SerialPredictor:
@@ -276,8 +279,9 @@ def create_app(analyzer: FieldAnalyzer, card: dict[str, Any], limits: ServiceLim
     card = jsonable(dict(card))
     model_name = str(card.get("model") or card.get("name") or "model")
     page, page_policy = _page(card)
-    # Waiting for a field slot does not hold a worker thread: anyio queues the call until a slot is free.
+    # Waiting for a slot holds no worker thread: anyio queues the call, in order, until a slot is free.
     field_slots = anyio.CapacityLimiter(limits.concurrent_fields)
+    cell_slots = anyio.CapacityLimiter(limits.concurrent_cell_requests)
 
     app = FastAPI(
         title="blastscan",
@@ -340,12 +344,15 @@ def create_app(analyzer: FieldAnalyzer, card: dict[str, Any], limits: ServiceLim
     def score_cells(files: list[UploadFile]) -> list[dict[str, Any]]:
         size = predictor.image_size
         names = [display_name(upload.filename, index) for index, upload in enumerate(files)]
-        images = [
-            decode_cell(read_limited(upload.file, name, limits.max_file_bytes), name, limits.max_image_pixels, size)
+        # Each crop is shrunk to the network's input as soon as it is decoded: one full-size image held at a time.
+        prepared = [
+            predictor.prepare(
+                decode_cell(read_limited(upload.file, name, limits.max_file_bytes), name, limits.max_image_pixels, size)
+            )
             for name, upload in zip(names, files, strict=True)
         ]
         # The analyzer's fixed-size batches: one input shape whatever the number of crops keeps memory flat.
-        probabilities = serving.score(np.stack([predictor.prepare(image) for image in images]))
+        probabilities = serving.score(np.stack(prepared))
         return [
             {"filename": name, "probability": float(p), "call": "blast" if p >= serving.cell_threshold else "other"}
             for name, p in zip(names, probabilities, strict=True)
@@ -362,8 +369,9 @@ def create_app(analyzer: FieldAnalyzer, card: dict[str, Any], limits: ServiceLim
     async def cells(
         files: Annotated[list[UploadFile], File(description="one or more cell crops (JPEG, PNG, TIFF, BMP)")],
     ) -> dict[str, Any]:
-        # Decoding and the network run in a worker thread: the event loop keeps answering other requests.
-        results = await anyio.to_thread.run_sync(score_cells, files)
+        # Decoding and the network run in a worker thread (the event loop keeps answering other requests), at most
+        # `concurrent_cell_requests` at once.
+        results = await anyio.to_thread.run_sync(score_cells, files, limiter=cell_slots)
         return {"model": model_name, "threshold": serving.cell_threshold, "disclaimer": DISCLAIMER, "cells": results}
 
     def read_field(file: UploadFile, overlay_side: int) -> tuple[dict[str, Any], bytes]:
