@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Rich folds long words (paths) at the console width; the default 80 columns would cut a file name that a test looks
+# for in a message in two, depending on how long pytest's temporary folder name happens to be.
+os.environ["COLUMNS"] = "400"
 
 
 def datasets_root() -> Path:

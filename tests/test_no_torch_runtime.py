@@ -36,7 +36,7 @@ def _run_blocked(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_predict_analyze_and_serve_run_an_export_without_torch(
     stain_export: Path, allidb2_dir: Path, tmp_path: Path
 ) -> None:
-    cells = sorted(allidb2_dir.glob("*.tif"))[:3]
+    cells = sorted((allidb2_dir / "img").glob("*.tif"))[:3]
     fields = generate_fields(tmp_path / "synthetic", n_fields=1, seed=3) / "fields"
     code = f"""
         import json, sys

@@ -369,12 +369,12 @@ class RunFolder:
 class ExportFolder:
     """The folder `blastscan export` writes: a deployable model that needs no run folder and no torch.
 
-      model.onnx           the network, float32, input `image` (N, 3, S, S) normalised, output `logits` (N, 2)
-      model.int8.onnx      the same, statically quantised (QDQ, per-channel weights), when exported with --int8
-      preprocessing.json   the input contract: size, resize, channel order, mean, std, stain normalisation,
-                           classes, the validation-chosen threshold, the cell framing for whole fields
-      MODEL_CARD.md        the human-readable card (intended use, data, figures, limits)
-      parity.json          the measured agreement of the ONNX models with the torch model
+    model.onnx           the network, float32, input `image` (N, 3, S, S) normalised, output `logits` (N, 2)
+    model.int8.onnx      the same, statically quantised (QDQ, per-channel weights), when exported with --int8
+    preprocessing.json   the input contract: size, resize, channel order, mean, std, stain normalisation,
+                         classes, the validation-chosen threshold, the cell framing for whole fields
+    MODEL_CARD.md        the human-readable card (intended use, data, figures, limits)
+    parity.json          the measured agreement of the ONNX models with the torch model
     """
 
     MODEL = "model.onnx"

@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 import blastscan
+from blastscan import DISCLAIMER
 from blastscan.data.synthetic import draw_field
-from blastscan.deploy.service import DISCLAIMER
 from blastscan.smear.analysis import CELL_COLUMNS, FieldAnalyzer
 from blastscan.smear.render import PAGE_SIDE
 from blastscan.workflows.analyze import load_field

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from blastscan.deploy.service import DISCLAIMER
+from blastscan import DISCLAIMER
 from browser import chromium
 
 sync_api = pytest.importorskip("playwright.sync_api")

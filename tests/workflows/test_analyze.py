@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from blastscan import DISCLAIMER
 from blastscan.cli import app
 from blastscan.data.images import max_image_pixels
 from blastscan.data.synthetic import draw_field, generate_fields
@@ -34,7 +35,6 @@ from blastscan.inference import Predictor
 from blastscan.runs import RunFolder
 from blastscan.smear.analysis import CELL_COLUMNS, SCORE_BATCH, FieldAnalyzer
 from blastscan.smear.framing import Framing
-from blastscan.smear.render import DISCLAIMER
 from blastscan.workflows import loaded_model as loaded_model_module
 from blastscan.workflows.analyze import analyze
 from blastscan.workflows.thresholds import ensure_operating_points

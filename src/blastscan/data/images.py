@@ -109,15 +109,7 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> np.ndarray:
     With `min_side`, JPEGs may be decoded at a reduced scale whose shorter side is still >= `min_side`
     (for callers that resize down anyway). Greyscale, palette, 16-bit and RGBA images are converted to RGB.
     """
-    path = Path(path)
-    image = _open_decoded(path, target=min_side)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        array = (255.0 * array / max(float(array.max()), 1.0)).astype(np.uint8)
-        return np.repeat(array[..., None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.asarray(image, dtype=np.uint8)
+    return _as_rgb(_open_decoded(Path(path), target=min_side))
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
@@ -170,7 +162,7 @@ def decode_rgb(data: bytes, name: str, min_side: int | None = None, max_pixels: 
 
 
 def _as_rgb(image: Image.Image) -> np.ndarray:
-    """A decoded image as (H, W, 3) uint8 RGB, converted exactly as `load_rgb` converts (16-bit scaled to its max)."""
+    """A decoded image as (H, W, 3) uint8 RGB (16-bit scaled to its max; palette, grey and RGBA converted)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         array = (255.0 * array / max(float(array.max()), 1.0)).astype(np.uint8)

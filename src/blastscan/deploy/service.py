@@ -33,7 +33,6 @@ from importlib import resources
 from typing import Annotated, Any, Literal
 
 import anyio
-import cv2
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -44,15 +43,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import blastscan
+from blastscan import DISCLAIMER
 from blastscan.deploy.uploads import UploadError, decode_cell, decode_field, display_name, read_limited
 from blastscan.runs import jsonable
 from blastscan.smear.analysis import CELL_COLUMNS, FieldAnalyzer
-from blastscan.smear.render import PAGE_SIDE, overlay_image, shrunk
+from blastscan.smear.render import PAGE_SIDE, fast_png, overlay_image, shrunk
 
 __all__ = ["ACCESS_LOG", "DISCLAIMER", "ServiceLimits", "create_app"]
 
-#: Said once, everywhere the service speaks: every JSON answer about a model or a call, and the page.
-DISCLAIMER = "Research use only: not a medical device; every flagged cell must be reviewed by a qualified hematologist."
 #: One JSON line per request (method, path, status, ms, bytes, request_bytes, client); the caller configures it.
 ACCESS_LOG = logging.getLogger("blastscan.deploy.access")
 
@@ -112,20 +110,6 @@ def _serving(analyzer: FieldAnalyzer) -> FieldAnalyzer:
     serving = copy.copy(analyzer)
     serving.predictor = _SerialPredictor(analyzer.predictor)  # type: ignore[assignment]
     return serving
-
-
-def _png(picture: Image.Image) -> bytes:
-    """Lossless PNG, fast (OpenCV, zlib level 1, Sub filter, RLE: as `blastscan.smear.render.save_png` writes the
-    overlay; Pillow's encoder takes seconds on a 5 Mpx field)."""
-    options = [
-        cv2.IMWRITE_PNG_COMPRESSION, 1,
-        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB,
-        cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
-    ]  # fmt: skip
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(np.asarray(picture.convert("RGB")), cv2.COLOR_RGB2BGR), options)
-    if not ok:
-        raise RuntimeError("the PNG encoder failed")
-    return encoded.tobytes()
 
 
 def _too_large(max_upload_bytes: int) -> str:
@@ -389,7 +373,7 @@ def create_app(analyzer: FieldAnalyzer, card: dict[str, Any], limits: ServiceLim
             "cells": [cell.row() for cell in analysis.cells],
             "overlay_scale": scale,
         }
-        return body, _png(overlay_image(picture, analysis, scale=scale))
+        return body, fast_png(overlay_image(picture, analysis, scale=scale))
 
     @app.post(
         "/v1/fields",

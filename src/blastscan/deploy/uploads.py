@@ -18,26 +18,19 @@ import numpy as np
 
 from blastscan.data.images import decode_rgb
 from blastscan.errors import BlastscanError, DatasetError
+from blastscan.smear.analysis import MIN_FIELD_SIDE, check_field, has_colour
 
 __all__ = [
-    "GREY_SPREAD",
     "MIN_CELL_SIDE",
-    "MIN_FIELD_SIDE",
     "UploadError",
     "decode_cell",
     "decode_field",
     "display_name",
-    "has_colour",
     "read_limited",
 ]
 
 #: A cell crop's shorter side must reach this (pixels): below it there is no cell to see, only an upscaled smudge.
 MIN_CELL_SIDE = 16
-#: A field's shorter side must reach this (pixels); the same as `blastscan analyze` (workflows.analyze, which this
-#: layer may not import: deploy sits below workflows).
-MIN_FIELD_SIDE = 64
-#: An image whose channels never differ by more than this (0-255) has no colour: grey-scale, or blank (as analyze).
-GREY_SPREAD = 4
 #: The longest file name repeated in a message (a multipart header can carry any name).
 NAME_CHARACTERS = 120
 
@@ -66,15 +59,6 @@ def read_limited(handle: BinaryIO, name: str, max_bytes: int) -> bytes:
             f"{name}: the file is larger than the {max_bytes:,} bytes accepted; send a smaller image", 413
         )
     return data
-
-
-def has_colour(image: np.ndarray) -> bool:
-    """True when some pixel's channels differ by more than GREY_SPREAD (a strided sample of ~250,000 pixels: a
-    stained smear has thousands of coloured pixels, so the sample cannot miss them all)."""
-    h, w = image.shape[:2]
-    step = max(1, int((h * w / 250_000) ** 0.5))
-    sample = image[::step, ::step]
-    return int((sample.max(axis=2).astype(np.int16) - sample.min(axis=2)).max()) > GREY_SPREAD
 
 
 def _decode(data: bytes, name: str, max_pixels: int, min_side: int | None = None) -> np.ndarray:
@@ -107,15 +91,8 @@ def decode_cell(data: bytes, name: str, max_pixels: int, input_side: int) -> np.
 def decode_field(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     """One whole smear field as (H, W, 3) uint8 RGB, with the checks `blastscan analyze` makes (`load_field`)."""
     image = _decode(data, name, max_pixels)
-    h, w = image.shape[:2]
-    if min(h, w) < MIN_FIELD_SIDE:
-        raise UploadError(
-            f"{name}: {w}x{h} px is too small for a smear field (at least {MIN_FIELD_SIDE} px a side); "
-            f"send a single cell crop to /v1/cells instead"
-        )
-    if not has_colour(image):
-        raise UploadError(
-            f"{name}: the image has no colour (grey-scale or blank); leukocytes are found by their stain's colours, "
-            f"so send the colour original"
-        )
-    return image
+    try:
+        return check_field(image, name)
+    except DatasetError as exc:
+        small = min(image.shape[:2]) < MIN_FIELD_SIDE
+        raise UploadError(f"{exc}{'; send a single cell crop to /v1/cells instead' if small else ''}") from exc

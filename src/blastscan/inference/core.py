@@ -303,7 +303,10 @@ def installed(module: str) -> bool:
     """True when `module` can be imported here (without importing it)."""
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as absent
+        return False
 
 
 def choose_backend(backend: str, device: str) -> str:

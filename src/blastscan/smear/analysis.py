@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
+from blastscan.errors import DatasetError
 from blastscan.inference import Predictor
 from blastscan.smear.find import FieldFinding, find_leukocytes
 from blastscan.smear.framing import Framing, crop_cells
@@ -61,6 +62,36 @@ CELL_COLUMNS = (
 
 #: Times a named stage: `with clock("find"): ...`. Callers that measure where the time goes (benchmarks) pass one.
 StageClock = Callable[[str], AbstractContextManager[Any]]
+
+
+#: A field's shorter side must reach this (pixels): a leukocyte with the glass around it needs at least as much.
+MIN_FIELD_SIDE = 64
+#: An image whose channels never differ by more than this (0-255) has no colour: grey-scale, or blank.
+GREY_SPREAD = 4
+
+
+def has_colour(image: np.ndarray) -> bool:
+    """True when some pixel's channels differ by more than GREY_SPREAD (a strided sample of ~250,000 pixels: a
+    stained smear has thousands of coloured pixels, so the sample cannot miss them all)."""
+    h, w = image.shape[:2]
+    step = max(1, int((h * w / 250_000) ** 0.5))
+    sample = image[::step, ::step]
+    return int((sample.max(axis=2).astype(np.int16) - sample.min(axis=2)).max()) > GREY_SPREAD
+
+
+def check_field(image: np.ndarray, name: str) -> np.ndarray:
+    """`image` when it can be analysed as a smear field; DatasetError starting with `name` when it is smaller than
+    MIN_FIELD_SIDE or has no colour (the finder tells nuclei by their stain's colour, so a grey-scale field would
+    read as empty)."""
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_FIELD_SIDE:
+        raise DatasetError(f"{name}: {w}x{h} px is too small for a smear field (at least {MIN_FIELD_SIDE} px a side)")
+    if not has_colour(image):
+        raise DatasetError(
+            f"{name}: the image has no colour (grey-scale or blank); leukocytes are found by their stain's colours, "
+            "so use the colour original"
+        )
+    return image
 
 
 def no_clock(stage: str) -> AbstractContextManager[None]:

@@ -26,11 +26,10 @@ from PIL import Image, ImageDraw, ImageFont
 import blastscan
 from blastscan.smear.analysis import FieldAnalysis
 
-__all__ = ["field_page", "folder_page", "overlay_image", "png_bytes", "save_png", "shrunk"]
+__all__ = ["fast_png", "field_page", "folder_page", "overlay_image", "png_bytes", "save_png", "shrunk"]
 
 #: The longest side of the field pictures embedded in the page (the overlay PNG on disk keeps full size).
 PAGE_SIDE = 1600
-DISCLAIMER = "Research use only: not a diagnostic device. Every call is a suggestion for a hematologist to review."
 
 
 def _colour(probability: float) -> tuple[int, int, int]:
@@ -90,8 +89,8 @@ def shrunk(picture: Image.Image | np.ndarray, side: int) -> Image.Image:
     return Image.fromarray(cv2.resize(np.ascontiguousarray(array), size, interpolation=cv2.INTER_AREA))
 
 
-def save_png(picture: Image.Image | np.ndarray, path: str | Path) -> Path:
-    """Write the picture as a lossless RGB PNG, fast: zlib level 1, the Sub filter and run-length matching.
+def fast_png(picture: Image.Image | np.ndarray) -> bytes:
+    """The picture as lossless RGB PNG bytes, fast: zlib level 1, the Sub filter and run-length matching.
 
     For a 2592x1944 field photograph that is 0.16 s and 6.4 MB, where Pillow takes 2.3 s for 6.0 MB at its default
     level and 0.38 s for 7.0 MB at level 1 (Pillow picks each row's filter by trial, most of its time)."""
@@ -103,9 +102,14 @@ def save_png(picture: Image.Image | np.ndarray, path: str | Path) -> Path:
     ]  # fmt: skip
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(array, cv2.COLOR_RGB2BGR), options)
     if not ok:
-        raise OSError(f"{path}: the PNG encoder failed")
+        raise OSError("the PNG encoder failed")
+    return encoded.tobytes()
+
+
+def save_png(picture: Image.Image | np.ndarray, path: str | Path) -> Path:
+    """Write the picture as a lossless RGB PNG with `fast_png`."""
     path = Path(path)
-    path.write_bytes(encoded.tobytes())
+    path.write_bytes(fast_png(picture))
     return path
 
 
@@ -162,7 +166,7 @@ def field_page(name: str, image: np.ndarray, analysis: FieldAnalysis, run: str) 
             name=name,
             run=run,
             version=blastscan.__version__,
-            disclaimer=DISCLAIMER,
+            disclaimer=blastscan.DISCLAIMER,
             summary=summary,
             field_src=_uri(png_bytes(picture, fmt="JPEG"), "image/jpeg"),
             overlay_src=_uri(png_bytes(overlay, fmt="JPEG"), "image/jpeg"),
@@ -180,7 +184,7 @@ def folder_page(rows: Sequence[dict[str, Any]], failures: Sequence[tuple[str, st
             title="blastscan field analysis",
             run=run,
             version=blastscan.__version__,
-            disclaimer=DISCLAIMER,
+            disclaimer=blastscan.DISCLAIMER,
             rows=rows,
             failures=failures,
         )

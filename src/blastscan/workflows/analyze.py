@@ -32,9 +32,11 @@ from blastscan.runs import RunFolder, write_json
 from blastscan.smear.analysis import (
     CELL_COLUMNS,
     DEFAULT_SMEAR_THRESHOLD,
+    MIN_FIELD_SIDE,
     FieldAnalysis,
     FieldAnalyzer,
     StageClock,
+    check_field,
     no_clock,
 )
 from blastscan.smear.render import field_page, folder_page, overlay_image, save_png
@@ -52,10 +54,6 @@ __all__ = [
     "write_field",
 ]
 
-#: A field's shorter side must reach this (pixels): a leukocyte with the glass around it needs at least as much.
-MIN_FIELD_SIDE = 64
-#: A field whose channels never differ by more than this (0-255) has no colour: grey-scale, or blank.
-GREY_SPREAD = 4
 
 SUMMARY_COLUMNS = (
     "field",
@@ -156,20 +154,8 @@ def _earlier_output(path: str, out: Path) -> bool:
 
 def load_field(path: str | Path) -> np.ndarray:
     """A field image as (H, W, 3) uint8 RGB; DatasetError naming the file when it cannot be analysed (unreadable,
-    too large, smaller than MIN_FIELD_SIDE, or without colour)."""
-    image = load_rgb(path)
-    h, w = image.shape[:2]
-    if min(h, w) < MIN_FIELD_SIDE:
-        raise DatasetError(f"{path}: {w}x{h} px is too small for a smear field (at least {MIN_FIELD_SIDE} px a side)")
-    # A strided sample (about 250,000 pixels) is enough: a stained field has thousands of coloured pixels.
-    step = max(1, int((h * w / 250_000) ** 0.5))
-    sample = image[::step, ::step]
-    if int((sample.max(axis=2).astype(np.int16) - sample.min(axis=2)).max()) <= GREY_SPREAD:
-        raise DatasetError(
-            f"{path}: the image has no colour (grey-scale or blank); leukocytes are found by their stain's "
-            f"colours, so analyse the colour original"
-        )
-    return image
+    too large, smaller than MIN_FIELD_SIDE, or without colour: `check_field`)."""
+    return check_field(load_rgb(path), str(path))
 
 
 def _reason(path: str, exc: Exception) -> str:

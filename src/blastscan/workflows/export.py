@@ -23,7 +23,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from blastscan import __version__
+from blastscan import DISCLAIMER, __version__
 from blastscan.evaluation.metrics import metrics_with_ci, threshold_for_specificity, youden_threshold
 from blastscan.imaging.preprocess import normalize_array
 from blastscan.inference import InputSpec, probabilities
@@ -34,10 +34,6 @@ from blastscan.runs import FOR_EVALUATION, ExportFolder, RunFolder, file_sha256,
 from blastscan.workflows.analyze import run_framing
 from blastscan.workflows.thresholds import ensure_operating_points
 
-#: The research-use statement every exported model card carries (the service repeats it in every answer).
-RESEARCH_USE = (
-    "Research use only: not a medical device; every flagged cell must be reviewed by a qualified hematologist."
-)
 #: Calibration images are scored in batches of this many.
 CALIBRATION_BATCH = 16
 #: What the INT8 model must keep: |AUROC(int8) - AUROC(fp32)| on the run's test split.
@@ -284,7 +280,7 @@ def export_run(
             "class_counts": card.get("class_counts"),
         },
         "files": {name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for name, path in files.items()},
-        "disclaimer": RESEARCH_USE,
+        "disclaimer": DISCLAIMER,
     }
     write_json(export.preprocessing_path, preprocessing)
     parity = {
@@ -303,7 +299,7 @@ def export_run(
                 "name": export.name,
                 "pre": preprocessing,
                 "parity": json.loads(export.parity_path.read_text()),
-                "disclaimer": RESEARCH_USE,
+                "disclaimer": DISCLAIMER,
                 "dataset": str(config.data.root),
             }
         ),
