@@ -16,8 +16,8 @@ the server's resident memory (VmRSS in /proc/<pid>/status) once the model is loa
 load phases plus cell requests topping them up to at least `--rss-requests`; and its peak (VmHWM). Writes JSON
 (default benchmarks/results/service_load.json).
 
-A trained run is required (nothing is trained here): any run folder, e.g. `blastscan train
-configs/allidb2_efficientnet_lite0.yaml`.
+A trained model is required (nothing is trained here): a run folder, or the export folder `blastscan export` makes
+of one (what a laboratory deploys; it runs on ONNX Runtime).
 
     python benchmarks/service_load.py --run runs/<run> [--seconds 20] [--clients 100] [--device cpu]
 """
@@ -157,7 +157,7 @@ async def load(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="A trained run folder (see the docstring).")
+    parser.add_argument("--run", type=Path, required=True, help="A run folder or an export folder (blastscan export).")
     parser.add_argument("--seconds", type=float, default=20.0, help="Length of each load phase.")
     parser.add_argument("--clients", type=int, default=100, help="Concurrent clients.")
     parser.add_argument("--rss-requests", type=int, default=1000, help="Requests between the two RSS readings.")

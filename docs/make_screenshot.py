@@ -33,7 +33,7 @@ COLOURS = 128
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a trained run folder")
+    parser.add_argument("--run", required=True, help="a run folder or an export folder (blastscan export)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "images" / "service_page.png")
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
     parser.add_argument("--seed", type=int, default=11)

@@ -216,7 +216,7 @@ def test_same_stems_get_their_own_folders_and_the_framing_is_measured_once(
     }  # fmt: skip
 
 
-def test_crops_are_scored_in_batches_of_one_shape_with_the_same_scores(run: Path) -> None:
+def test_crops_are_scored_in_batches_of_few_shapes_with_the_same_scores(run: Path) -> None:
     predictor = Predictor.from_run(run, device="cpu")
     analyzer = FieldAnalyzer(predictor, Framing(0.5, 0, "test"), 0.5)
     size = predictor.image_size
@@ -230,7 +230,10 @@ def test_crops_are_scored_in_batches_of_one_shape_with_the_same_scores(run: Path
 
     predictor.predict_prepared = recorded  # type: ignore[method-assign]
     scores = analyzer.score(crops)
-    assert set(shapes) == {(SCORE_BATCH, size, size, 3)}  # padded, never a batch of another size
+    assert shapes == [(SCORE_BATCH, size, size, 3), (4, size, size, 3)]  # the rest padded to a power of two
+    shapes.clear()
+    analyzer.score(crops[:1])
+    assert shapes == [(1, size, size, 3)]  # one crop, one forward of one
     assert scores == pytest.approx(score_batch(crops), abs=1e-6)
     assert analyzer.score(crops[:0]).shape == (0,)
 

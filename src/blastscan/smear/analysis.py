@@ -38,10 +38,11 @@ __all__ = [
 
 #: Blast share of the leukocytes at or above which a smear is called leukemic when no validated threshold is given.
 DEFAULT_SMEAR_THRESHOLD = 0.2
-#: The network scores a field's crops in batches of exactly this many, the last padded with blank crops. Fields hold
-#: different numbers of cells, and on the CPU batches of changing size kept growing resident memory (by about 1 GB
-#: over 80 batches of 1 to 40 crops, PyTorch 2.14); one shape keeps it flat. The padding costs at most
-#: SCORE_BATCH - 1 crops; a crop's score does not depend on its batch.
+#: The network scores a field's crops in batches of this many, the rest in one batch padded with blank crops to the
+#: next power of two (1, 2, 4 or 8). Fields hold different numbers of cells, and on the CPU batches of changing size
+#: kept growing resident memory (by about 1 GB over 80 batches of 1 to 40 crops, PyTorch 2.14); four shapes keep it
+#: flat, and a single cell crop (the service) costs one forward pass of one crop, not of eight. A crop's score does
+#: not depend on its batch.
 SCORE_BATCH = 8
 #: The columns of a field's cells.csv, in order (a field with no cell still gets the header).
 CELL_COLUMNS = (
@@ -232,16 +233,17 @@ class FieldAnalyzer:
         return np.stack([self.predictor.prepare(crop) for crop in crops])
 
     def score(self, crops: np.ndarray) -> np.ndarray:
-        """(N,) blast probabilities of (N, S, S, 3) prepared crops, in batches of SCORE_BATCH (the last padded)."""
+        """(N,) blast probabilities of (N, S, S, 3) prepared crops: batches of SCORE_BATCH, the rest padded to a
+        power of two."""
         if not len(crops):
             return np.zeros(0)
-        padded = np.zeros((-(-len(crops) // SCORE_BATCH) * SCORE_BATCH, *crops.shape[1:]), dtype=crops.dtype)
-        padded[: len(crops)] = crops
-        scores = [
-            self.predictor.predict_prepared(padded[start : start + SCORE_BATCH])
-            for start in range(0, len(padded), SCORE_BATCH)
-        ]
-        return np.concatenate(scores)[: len(crops)]
+        scores = []
+        for start in range(0, len(crops), SCORE_BATCH):
+            batch = crops[start : start + SCORE_BATCH]
+            padded = np.zeros((1 << (len(batch) - 1).bit_length(), *crops.shape[1:]), dtype=crops.dtype)
+            padded[: len(batch)] = batch
+            scores.append(self.predictor.predict_prepared(padded)[: len(batch)])
+        return np.concatenate(scores)
 
     def analyze(self, image: np.ndarray, clock: StageClock = no_clock) -> FieldAnalysis:
         """Find, score and count the leukocytes of one (H, W, 3) uint8 RGB field.
