@@ -94,6 +94,8 @@ def _load_export(path: Path, int8: bool, tta: bool, device: str, options: dict[s
         )
     if key is not None and not pre.get(key):
         key = None  # an INT8 model exported before it had thresholds of its own: the float32 ones
+    if key is None and not isinstance(pre.get("threshold"), int | float):
+        raise ConfigError(f"{export.preprocessing_path}: no threshold; the file is incomplete, re-export the model")
     points = (
         pre[key]
         if key
