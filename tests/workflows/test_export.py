@@ -88,3 +88,21 @@ def test_an_export_folder_scores_like_the_run_it_came_from(stain_export: Path, s
     assert int8.card["model_file"] == "model.int8.onnx"
     assert np.abs(int8.predictor.predict(images) - from_run).max() < 0.2  # quantised: close, not equal
     assert load_model(stain_export, int8=True).card["model_file"] == "model.int8.onnx"
+
+
+def test_the_command_prints_the_parity_table_and_exits_0(stain_run: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from blastscan.cli import app
+
+    out = tmp_path / "cli-export"
+    done = CliRunner().invoke(
+        app, ["export", str(stain_run), "--format", "onnx", "--out", str(out), "--parity-images", "8"]
+    )
+    assert done.exit_code == 0, done.output
+    said = " ".join(done.output.split())
+    assert "onnx_fp32" in said and "fp32_logits" in said and "passed" in said and "FAILED" not in said
+    assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
+    assert json.loads((out / "parity.json").read_text())["test_images"] == 8
+    refused = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert refused.exit_code == 2 and "no such run folder" in " ".join(refused.output.split())
