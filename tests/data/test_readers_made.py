@@ -38,6 +38,7 @@ def test_cnmc_training_layout(tmp_path: Path) -> None:
     before = _snapshot(root)
     result = scan(root)
     assert result.reader == "c-nmc"
+    assert "C-NMC variant: the training folds (fold_0, fold_1/all|hem)" in result.notes
     table = result.manifest.table.set_index("path")
     assert len(table) == 8
     assert table.loc["fold_0/all/UID_11_10_1_all.bmp", "patient_id"] == "11"
@@ -70,6 +71,75 @@ def test_cnmc_renamed_test_layout(tmp_path: Path) -> None:
     assert list(table["label"]) == ["leukemic", "normal", "leukemic"]
     assert table.loc["2.bmp", "patient_id"] == "H49"
     assert table.loc["1.bmp", "original_name"] == "UID_57_29_1_all.bmp"
+
+
+#: Twelve cells of four subjects: with one stray image beside them, 92% of the images carry C-NMC names.
+CNMC_CELLS = [
+    f"UID_{s}_{i}_1_{'hem' if s.startswith('H') else 'all'}" for s in ("11", "12", "H10", "H22") for i in (1, 2, 3)
+]
+
+
+def test_cnmc_cells_in_one_flat_folder_of_pngs(tmp_path: Path) -> None:
+    flat = tmp_path / "cnmc_png"
+    for seed, stem in enumerate(CNMC_CELLS):
+        write_image(flat / f"{stem}.png", seed=seed, size=(45, 45))
+    write_image(flat / "notes.png", seed=99)  # a stray image is left out, and said so
+    result = scan(flat)
+    assert result.reader == "c-nmc" and result.auto_detected
+    table = result.manifest.table.set_index("path")
+    assert len(table) == len(CNMC_CELLS)
+    assert table.loc["UID_11_1_1_all.png", "label"] == "leukemic"
+    assert table.loc["UID_H10_2_1_hem.png", "label"] == "normal"
+    assert table.loc["UID_H10_2_1_hem.png", "patient_id"] == "H10"
+    assert table["patient_id"].nunique() == 4 and result.manifest.has_patients
+    said = " ".join(result.notes)
+    assert "C-NMC variant: UID-named cells in 1 folder(s), .png files" in said and "notes.png" in said
+
+
+def test_cnmc_cells_nested_at_any_depth_in_any_format(tmp_path: Path) -> None:
+    root = tmp_path / "copy"
+    places = ["a/b/c", "a", "d/e", "all", "hem/x", "fold_3/all"]
+    stems = ["UID_11_10_1_all", "UID_11_10_2_all", "UID_H10_43_1_hem", "UID_12_3_1_all", "UID_H22_5_2_hem",
+             "UID_13_1_1_all"]  # fmt: skip
+    for seed, (place, stem, ending) in enumerate(zip(places, stems, [".jpg", ".bmp", ".PNG", ".tif", ".jpeg", ".png"],
+                                                    strict=True)):  # fmt: skip
+        write_image(root / place / f"{stem}{ending}", seed=seed, size=(45, 45))
+    result = scan(root)
+    assert result.reader == "c-nmc"
+    table = result.manifest.table.set_index("path")
+    assert len(table) == 6
+    assert table.loc["fold_3/all/UID_13_1_1_all.png", "fold"] == "fold_3"
+    assert table.loc["hem/x/UID_H22_5_2_hem.jpeg", "label"] == "normal"
+    assert "UID-named cells in 6 folder(s)" in " ".join(result.notes)
+
+
+def test_cnmc_cell_whose_name_and_class_folder_disagree_is_named(tmp_path: Path) -> None:
+    write_image(tmp_path / "cells" / "hem" / "UID_11_10_1_all.png")
+    write_image(tmp_path / "cells" / "all" / "UID_12_10_1_all.png", seed=1)
+    with pytest.raises(DatasetError, match=r"UID_11_10_1_all\.png: the name says 'all' but the file sits in a hem/"):
+        scan(tmp_path / "cells")
+
+
+def test_a_lab_folder_with_a_few_cnmc_names_is_not_taken_for_cnmc(tmp_path: Path) -> None:
+    for k in range(12):
+        write_image(tmp_path / "lab" / ("blast" if k % 2 else "normal") / f"cell{k}.png", seed=k)
+    write_image(tmp_path / "lab" / "blast" / "UID_11_10_1_all.png", seed=50)
+    assert scan(tmp_path / "lab").reader != "c-nmc"
+
+
+def test_cnmc_renamed_test_set_converted_to_png_is_matched_by_number(tmp_path: Path) -> None:
+    folder = tmp_path / "prelim_png"
+    originals = ["UID_57_29_1_all.bmp", "UID_H49_35_1_hem.bmp"]
+    for i in (1, 2):
+        write_image(folder / f"{i}.png", seed=i)
+    (folder / "labels.csv").write_text(
+        "Patient_ID,new_names,labels\n"
+        + "".join(f"{o},{i}.bmp,{int('_all' in o)}\n" for i, o in enumerate(originals, 1))
+    )
+    result = scan(folder)
+    assert result.reader == "c-nmc" and "renamed test set" in " ".join(result.notes)
+    assert list(result.manifest.table["path"]) == ["1.png", "2.png"]
+    assert list(result.manifest.table["label"]) == ["leukemic", "normal"]
 
 
 def test_folder_per_class_with_patients(tmp_path: Path) -> None:
