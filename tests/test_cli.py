@@ -64,6 +64,8 @@ def test_demo_on_synthetic_data(tmp_path: Path) -> None:
         assert (tmp_path / "demo" / name).is_file()
     assert summary["test_roc_auc"] is not None and Path(summary["report"]).is_file()
     assert "SYNTHETIC" in Path(summary["report"]).read_text()
+    assert summary["export"]["checks_passed"] and (tmp_path / "demo" / "export" / "model.int8.onnx").is_file()
+    assert "blastscan serve" in " ".join(result.stdout.split())
     again = run("demo", "--out", str(tmp_path / "demo"), "--epochs", "1")  # a re-run replaces the old demo
     assert again.returncode == 0, again.stdout + again.stderr
     (tmp_path / "mine").mkdir()

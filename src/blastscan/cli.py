@@ -163,6 +163,14 @@ def demo(
             f"review page: {found['page']}",
             highlight=False,
         )
+    if result.export is not None:
+        exported = result.export
+        checks = "parity checks passed" if exported["checks_passed"] else "a parity check FAILED (see parity.json)"
+        console.print(
+            f"exported: {exported['folder']} (model.onnx {exported['model_mb']} MB, model.int8.onnx "
+            f"{exported['int8_mb']} MB; {checks}); serve it with `blastscan serve {exported['folder']}`",
+            highlight=False,
+        )
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     console.print(f"run folder: {result.run_dir} ({timings})", highlight=False)
     if result.synthetic:

@@ -3,7 +3,8 @@
 Synthetic: draw a small smear-cell dataset, then train the custom CNN on it (scan -> patient-level split ->
 audit -> image cache -> training with early stopping), evaluate it on the held-out test patients (metrics with
 CIs, Grad-CAM, the HTML report), and analyse one SYNTHETIC whole smear field with it (`blastscan analyze`: find the
-leukocytes, score them, count the blasts, write the overlay and the review page under `field/`).
+leukocytes, score them, count the blasts, write the overlay and the review page under `field/`), and export it for
+deployment (`blastscan export --int8`: ONNX and INT8 models with their parity under `export/`).
 Real (`data=PATH`): the same with EfficientNet-Lite0 from the packaged ImageNet weights, without the field.
 The run folder describes itself; for synthetic data it says that none of it is real.
 """
@@ -27,6 +28,7 @@ from blastscan.runs import RunFolder
 from blastscan.training.config import parse_config
 from blastscan.workflows.analyze import analyze
 from blastscan.workflows.evaluate import evaluate_run
+from blastscan.workflows.export import export_run
 from blastscan.workflows.train import train
 
 DEMO_MARKER = ".blastscan-demo"
@@ -65,6 +67,7 @@ class DemoResult:
     test_roc_auc_ci: list[float] | None = None
     report: Path | None = None
     field_analysis: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -101,6 +104,19 @@ def _analyse_synthetic_field(run_dir: Path, seed: int) -> dict[str, Any]:
         "blasts_called": row["blasts"],
         "blast_percentage": row["blast_percentage"],
         "smear_call": row["smear_call"],
+    }
+
+
+def _export(run_dir: Path) -> dict[str, Any]:
+    """`blastscan export --int8` of the demo run into `export/`: the files' sizes and the parity checks."""
+    exported = export_run(run_dir, run_dir / "export", int8=True, calibration=64)
+    folder = exported.folder
+    return {
+        "folder": str(folder.path),
+        "model_mb": round(folder.model_path.stat().st_size / 1e6, 2),
+        "int8_mb": round(folder.int8_path.stat().st_size / 1e6, 2),
+        "checks_passed": exported.passed,
+        "int8_auroc_difference": exported.parity["checks"]["int8_auroc"]["auroc_difference"],
     }
 
 
@@ -153,6 +169,13 @@ def run_demo(
         field_analysis = _analyse_synthetic_field(run_dir, seed)
         seconds["field"] = round(time.perf_counter() - start, 2)
 
+    export = None
+    if synthetic:
+        announce("exporting the model for deployment (ONNX and INT8, parity measured on the test split)")
+        start = time.perf_counter()
+        export = _export(run_dir)
+        seconds["export"] = round(time.perf_counter() - start, 2)
+
     run = RunFolder(run_dir)
     report = run.audit()
     splits = run.splits().table
@@ -174,6 +197,7 @@ def run_demo(
         test_roc_auc_ci=(evaluation.metrics.get("ci") or {}).get("roc_auc"),
         report=evaluation.out_dir / "report.html",
         field_analysis=field_analysis,
+        export=export,
         seconds=seconds,
         notes=list(report.notes),
     )
