@@ -8,6 +8,7 @@ resize, the run's stain normalisation, then `(x / 255 - mean) / std`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from abc import ABC, abstractmethod
 from collections import deque
@@ -301,8 +302,6 @@ class Predictor(ABC):
 
 def installed(module: str) -> bool:
     """True when `module` can be imported here (without importing it)."""
-    import importlib.util
-
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a broken or blocked installation counts as absent
