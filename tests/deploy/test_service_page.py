@@ -116,3 +116,16 @@ def test_the_page_shows_the_services_message_for_a_file_it_refuses(page: Any, tm
     message = page.inner_text("#error")
     assert "notes.png" in message and "not a readable image" in message
     assert not page.is_visible("#download")
+
+
+def test_the_api_docs_render_offline_from_the_service_alone(browser: Any, service: str) -> None:
+    context = browser.new_context()
+    tab = context.new_page()
+    elsewhere: list[str] = []
+    tab.on("request", lambda r: None if r.url.startswith((service, "data:", "blob:")) else elsewhere.append(r.url))
+    tab.goto(f"{service}/docs")
+    tab.wait_for_selector(".opblock-summary-path", timeout=60_000)  # Swagger UI ran and read /openapi.json
+    paths = {element.inner_text().strip() for element in tab.query_selector_all(".opblock-summary-path")}
+    context.close()
+    assert {"/v1/cells", "/v1/fields", "/v1/model", "/healthz"} <= paths, paths
+    assert not elsewhere, elsewhere

@@ -11,7 +11,7 @@ backend runs it, and imports no torch).
   POST /v1/cells    multipart field `files` (one or more cell crops) -> each crop's blast probability and call
   POST /v1/fields   multipart field `file` (one smear field) -> the count, the smear call, every cell's row and
                     the overlay PNG (base64 in the JSON, or the PNG itself with ?format=png)
-  GET  /docs        the OpenAPI documentation (FastAPI's; it loads Swagger UI from a CDN, the page at / does not)
+  GET  /docs        the OpenAPI documentation (Swagger UI; /redoc too), its scripts served by the service (no CDN)
 
 Every refusal is a 4xx with a JSON body `{"error": "..."}` naming the file and what to do; limits (`ServiceLimits`)
 bound the request body (FastAPI's own limit), each file, the decoded pixels and the files per request. One JSON line
@@ -37,6 +37,7 @@ import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, PositiveInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,6 +56,8 @@ __all__ = ["ACCESS_LOG", "DISCLAIMER", "ServiceLimits", "create_app"]
 ACCESS_LOG = logging.getLogger("blastscan.deploy.access")
 
 MIB = 1024 * 1024
+#: Where the service serves the documentation pages' own scripts (for /docs and /redoc).
+DOCS_ASSETS = "/docs-assets"
 
 
 class ServiceLimits(BaseModel):
@@ -267,11 +270,14 @@ def create_app(analyzer: FieldAnalyzer, card: dict[str, Any], limits: ServiceLim
     field_slots = anyio.CapacityLimiter(limits.concurrent_fields)
     cell_slots = anyio.CapacityLimiter(limits.concurrent_cell_requests)
 
-    app = FastAPI(
+    # FastAPI's own /docs and /redoc load their scripts from a CDN; fastapi-offline serves the same pages with the
+    # scripts from its package (Swagger UI 5, which reads FastAPI's OpenAPI 3.1), so they work on an offline network.
+    app = FastAPIOffline(
         title="blastscan",
         version=blastscan.__version__,
         summary="Blast detection in blood smear images: cell crops and whole smear fields.",
         description=DISCLAIMER,
+        static_url=DOCS_ASSETS,
     )
     # The last added runs first: the access log sees what the client is answered, reworded or not.
     app.add_middleware(_JsonErrors, max_upload_bytes=limits.max_upload_bytes)
