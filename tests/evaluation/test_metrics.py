@@ -19,6 +19,7 @@ from blastscan.evaluation.metrics import (
     expected_calibration_error,
     fit_temperature,
     metrics_with_ci,
+    paired_bootstrap_ci,
     patient_level_metrics,
     patient_table,
     reliability_curve,
@@ -408,3 +409,22 @@ def test_bad_input_raises_a_clear_error(call, error, match) -> None:
     with pytest.raises(error, match=match) as caught:
         call()
     assert isinstance(caught.value, BlastscanError)
+
+
+def test_paired_bootstrap_difference_resamples_both_scores_together() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    def auroc(y: np.ndarray, p: np.ndarray) -> float:
+        return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p_a = np.clip(0.4 * y + 0.6 * rng.random(200), 0, 1)
+    patients = np.array([f"P{i % 20}" for i in range(200)])
+    same, ci = paired_bootstrap_ci(y, p_a, p_a, auroc, patients, n_boot=200)
+    assert same == 0.0 and (ci.low, ci.high) == (0.0, 0.0)  # paired: identical models never differ
+    assert ci.unit == "patients"
+    p_b = np.clip(p_a + 0.2 * y, 0, 1)  # a better model
+    delta, ci = paired_bootstrap_ci(y, p_a, p_b, auroc, patients, n_boot=200)
+    assert delta == pytest.approx(auroc(y, p_b) - auroc(y, p_a))
+    assert 0 < ci.low <= delta <= ci.high

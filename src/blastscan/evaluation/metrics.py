@@ -334,6 +334,36 @@ def bootstrap_ci(
     return BootstrapCI(low, high, float(level), n_boot, int(np.isnan(values).sum()), unit)
 
 
+def paired_bootstrap_ci(
+    y: ArrayLike,
+    p_a: ArrayLike,
+    p_b: ArrayLike,
+    statistic: Callable[[np.ndarray, np.ndarray], float],
+    groups: ArrayLike | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int | None = 0,
+) -> tuple[float, BootstrapCI]:
+    """`statistic(y, p_b) - statistic(y, p_a)` and its percentile bootstrap interval, both scores of each resample
+    taken on the same resampled images (a paired comparison of two models on one test set), resampling groups
+    (patients) as `bootstrap_ci` does; resamples where the difference is NaN are dropped and counted."""
+    y, p_a = _binary_inputs(y, p_a)
+    p_b = _probabilities(p_b, len(y), "p_b")
+    _check_bootstrap_args(n_boot, level)
+    codes, n_groups, unit = _codes_or_images(groups, len(y))
+    index = np.arange(len(y))
+    values = np.empty(n_boot)
+    b = 0
+    for weights in _resample_weights(codes, n_groups, n_boot, seed):
+        for row in weights:
+            rows = np.repeat(index, row)
+            values[b] = float(statistic(y[rows], p_b[rows])) - float(statistic(y[rows], p_a[rows]))
+            b += 1
+    low, high = _percentile_interval(values, level)
+    point = float(statistic(y, p_b)) - float(statistic(y, p_a))
+    return point, BootstrapCI(low, high, float(level), n_boot, int(np.isnan(values).sum()), unit)
+
+
 def _weighted_metrics(
     y: np.ndarray, p: np.ndarray, weights: np.ndarray, threshold: float, threshold_95: float
 ) -> dict[str, np.ndarray]:

@@ -13,7 +13,6 @@ difference.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,15 +21,21 @@ from typing import Any
 
 import jinja2
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from blastscan import DISCLAIMER, __version__
-from blastscan.evaluation.metrics import metrics_with_ci, threshold_for_specificity, youden_threshold
+from blastscan.evaluation.metrics import (
+    metrics_with_ci,
+    paired_bootstrap_ci,
+    threshold_for_specificity,
+    youden_threshold,
+)
 from blastscan.imaging.preprocess import normalize_array
 from blastscan.inference import InputSpec, probabilities
 from blastscan.inference.onnx_backend import INPUT_NAME, OUTPUT_NAME, OnnxPredictor
 from blastscan.inference.onnx_export import INT8_RECIPES, OPSET, export_onnx, quantize_int8
 from blastscan.inference.torch_backend import TorchPredictor
-from blastscan.runs import FOR_EVALUATION, ExportFolder, RunFolder, file_sha256, write_json
+from blastscan.runs import FOR_EVALUATION, ExportFolder, RunFolder, file_sha256, jsonable, write_json
 from blastscan.workflows.analyze import run_framing
 from blastscan.workflows.thresholds import ensure_operating_points
 
@@ -67,31 +72,8 @@ def _calibration_batches(
         yield normalize_array(images, spec.mean, spec.std)
 
 
-def paired_auroc_difference(
-    y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, groups: np.ndarray | None, n_boot: int = 1000, seed: int = 0
-) -> dict[str, float]:
-    """AUROC(b) - AUROC(a) with a paired percentile bootstrap interval over patients (or images).
-
-    By hand because `bootstrap_ci` resamples one score vector; the paired difference needs both scores of the
-    same resampled images."""
-    from sklearn.metrics import roc_auc_score
-
-    codes = np.unique(groups, return_inverse=True)[1] if groups is not None else np.arange(len(y))
-    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(n_boot):
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        if len(np.unique(y[rows])) == 2:
-            deltas.append(roc_auc_score(y[rows], p_b[rows]) - roc_auc_score(y[rows], p_a[rows]))
-    point = float(roc_auc_score(y, p_b) - roc_auc_score(y, p_a))
-    low, high = np.percentile(deltas, [2.5, 97.5]) if deltas else (np.nan, np.nan)
-    return {"delta": point, "ci95": [float(low), float(high)], "n_boot": len(deltas)}
-
-
 def _auroc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
+    """AUROC, NaN when `y` holds one class (a bootstrap resample may)."""
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
 
@@ -221,16 +203,16 @@ def export_run(
         models["onnx_int8"] = _auroc_with_ci(
             y, p_int8, int8_points["threshold"], int8_points["threshold_95_specificity"], groups
         )
-        difference = paired_auroc_difference(y, p_fp32, p_int8, groups, seed=seed)
+        delta, delta_ci = paired_bootstrap_ci(y, p_fp32, p_int8, _auroc, groups, seed=seed)
         agreement = float(np.mean((p_fp32 >= threshold) == (p_int8 >= threshold)))
         checks["int8_auroc"] = {
             "recipe": chosen,
             "calibration_images": n_calibration,
-            "auroc_difference": difference["delta"],
-            "auroc_difference_ci95": difference["ci95"],
+            "auroc_difference": delta,
+            "auroc_difference_ci95": [delta_ci.low, delta_ci.high],
             "call_agreement_with_fp32": agreement,
             "tolerance": f"|AUROC(int8) - AUROC(fp32)| <= {INT8_AUROC_TOLERANCE}",
-            "passed": abs(difference["delta"]) <= INT8_AUROC_TOLERANCE,
+            "passed": abs(delta) <= INT8_AUROC_TOLERANCE,
         }
 
     say("framing of the training images (for whole fields)")
@@ -293,16 +275,17 @@ def export_run(
         "int8_recipes_on_validation": recipes,
     }
     write_json(export.parity_path, parity)
+    parity = jsonable(parity)  # as the file holds it: NaN as None, numpy numbers as Python's
     export.model_card_path.write_text(
         _model_card(
             {
                 "name": export.name,
                 "pre": preprocessing,
-                "parity": json.loads(export.parity_path.read_text()),
+                "parity": parity,
                 "disclaimer": DISCLAIMER,
                 "dataset": str(config.data.root),
             }
         ),
         encoding="utf-8",
     )
-    return ExportResult(export, json.loads(export.parity_path.read_text()), time.perf_counter() - started)
+    return ExportResult(export, parity, time.perf_counter() - started)
