@@ -18,7 +18,7 @@ import numpy as np
 
 from blastscan.data.images import decode_rgb
 from blastscan.errors import BlastscanError, DatasetError
-from blastscan.smear.analysis import MIN_FIELD_SIDE, check_field, has_colour
+from blastscan.smear.analysis import MIN_FIELD_SIDE, check_colour_image, check_field
 
 __all__ = [
     "MIN_CELL_SIDE",
@@ -77,15 +77,16 @@ def _decode(data: bytes, name: str, max_pixels: int, min_side: int | None = None
 def decode_cell(data: bytes, name: str, max_pixels: int, input_side: int) -> np.ndarray:
     """One cell crop as (H, W, 3) uint8 RGB, decoded as `Predictor` decodes a file for an `input_side` network."""
     image = _decode(data, name, max_pixels, min_side=input_side)
-    h, w = image.shape[:2]
-    if min(h, w) < MIN_CELL_SIDE:
-        raise UploadError(f"{name}: {w}x{h} px is too small for a cell crop (at least {MIN_CELL_SIDE} px a side)")
-    if not has_colour(image):
-        raise UploadError(
-            f"{name}: the image has no colour (grey-scale or blank); the model reads the stain's colours, so send "
-            f"the colour original"
+    try:
+        return check_colour_image(
+            image,
+            name,
+            MIN_CELL_SIDE,
+            "a cell crop",
+            "the model reads the stain's colours, so send the colour original",
         )
-    return image
+    except DatasetError as exc:
+        raise UploadError(str(exc)) from exc
 
 
 def decode_field(data: bytes, name: str, max_pixels: int) -> np.ndarray:

@@ -80,19 +80,28 @@ def has_colour(image: np.ndarray) -> bool:
     return int((sample.max(axis=2).astype(np.int16) - sample.min(axis=2)).max()) > GREY_SPREAD
 
 
+def check_colour_image(image: np.ndarray, name: str, min_side: int, kind: str, why_colour: str) -> np.ndarray:
+    """`image` when its shorter side reaches `min_side` and it has colour; DatasetError starting with `name`
+    otherwise, saying it is too small for `kind` (e.g. "a smear field"), or has no colour and `why_colour` matters."""
+    h, w = image.shape[:2]
+    if min(h, w) < min_side:
+        raise DatasetError(f"{name}: {w}x{h} px is too small for {kind} (at least {min_side} px a side)")
+    if not has_colour(image):
+        raise DatasetError(f"{name}: the image has no colour (grey-scale or blank); {why_colour}")
+    return image
+
+
 def check_field(image: np.ndarray, name: str) -> np.ndarray:
     """`image` when it can be analysed as a smear field; DatasetError starting with `name` when it is smaller than
     MIN_FIELD_SIDE or has no colour (the finder tells nuclei by their stain's colour, so a grey-scale field would
     read as empty)."""
-    h, w = image.shape[:2]
-    if min(h, w) < MIN_FIELD_SIDE:
-        raise DatasetError(f"{name}: {w}x{h} px is too small for a smear field (at least {MIN_FIELD_SIDE} px a side)")
-    if not has_colour(image):
-        raise DatasetError(
-            f"{name}: the image has no colour (grey-scale or blank); leukocytes are found by their stain's colours, "
-            "so use the colour original"
-        )
-    return image
+    return check_colour_image(
+        image,
+        name,
+        MIN_FIELD_SIDE,
+        "a smear field",
+        "leukocytes are found by their stain's colours, so use the colour original",
+    )
 
 
 def no_clock(stage: str) -> AbstractContextManager[None]:
