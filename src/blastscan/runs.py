@@ -402,6 +402,15 @@ class ExportFolder:
         return (Path(path) / cls.PREPROCESSING).is_file()
 
     @classmethod
+    def named_by(cls, path: str | Path) -> tuple[Path, str | None] | None:
+        """(export folder, model file name or None) when `path` is an export folder or an .onnx file in one (e.g.
+        `DIR/model.int8.onnx`); None when it is neither (a run folder, say)."""
+        path = Path(path)
+        if path.suffix == ".onnx" and cls.is_export(path.parent):
+            return path.parent, path.name
+        return (path, None) if cls.is_export(path) else None
+
+    @classmethod
     def open(cls, path: str | Path) -> ExportFolder:
         """The export folder at `path`; raises ConfigError naming what is missing."""
         folder = cls(path)

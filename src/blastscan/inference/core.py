@@ -28,7 +28,7 @@ from blastscan.errors import BlastscanError, ConfigError, DatasetError
 from blastscan.imaging.preprocess import ImageSource, prepare_image, prepared_cache
 from blastscan.imaging.stain import stain_method_from_dict
 from blastscan.registry import Registry
-from blastscan.runs import FOR_INFERENCE, RunFolder
+from blastscan.runs import FOR_INFERENCE, ExportFolder, RunFolder
 
 #: Inference backends by name: each is a callable (run, device=..., **options) -> Predictor.
 BACKENDS: Registry[Callable[..., Predictor]] = Registry("inference backend")
@@ -161,14 +161,12 @@ class Predictor(ABC):
     def open(cls, path: str | Path, device: str = "auto", backend: str = "auto", **options: Any) -> Predictor:
         """The predictor of a run folder, an export folder (`blastscan export`), or one .onnx file in an export
         folder (model.int8.onnx picks the quantised model). Export folders run on ONNX Runtime."""
-        from blastscan.inference.onnx_backend import OnnxPredictor
-        from blastscan.runs import ExportFolder
+        from blastscan.inference.onnx_backend import OnnxPredictor  # it builds on this module
 
-        path = Path(path)
-        if path.suffix == ".onnx" and ExportFolder.is_export(path.parent):
-            return OnnxPredictor.from_export(path.parent, model_file=path.name, device=device, **options)
-        if ExportFolder.is_export(path):
-            return OnnxPredictor.from_export(path, device=device, **options)
+        export = ExportFolder.named_by(path)
+        if export is not None:
+            folder, model_file = export
+            return OnnxPredictor.from_export(folder, model_file=model_file, device=device, **options)
         return cls.from_run(path, device=device, backend=backend, **options)
 
     @property

@@ -70,8 +70,6 @@ class OnnxPredictor(Predictor):
         self.model_file = Path(model_file)
         self.device = "cpu" if str(device).lower() == "auto" else str(device)
         self.session = _session(self.model_file, threads, self.device)
-        self._mean = np.asarray(spec.mean, dtype=np.float32)
-        self._std = np.asarray(spec.std, dtype=np.float32)
 
     @classmethod
     def from_export(
@@ -87,7 +85,7 @@ class OnnxPredictor(Predictor):
 
     def logits_of_batch(self, images: np.ndarray) -> np.ndarray:
         """(n, 2) float32 logits of one batch of prepared uint8 images."""
-        batch = normalize_array(images, self._mean, self._std)
+        batch = normalize_array(images, self.spec.mean, self.spec.std)
         return np.asarray(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], dtype=np.float32)
 
 

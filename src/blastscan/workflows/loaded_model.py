@@ -79,8 +79,9 @@ def _public_card(model: LoadedModel, details: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_export(path: Path, int8: bool, tta: bool, device: str, options: dict[str, Any]) -> LoadedModel:
-    folder_path, model_file = (path.parent, path.name) if path.suffix == ".onnx" else (path, None)
+def _load_export(
+    folder_path: Path, model_file: str | None, int8: bool, tta: bool, device: str, options: dict[str, Any]
+) -> LoadedModel:
     export = ExportFolder.open(folder_path)
     if model_file is None:
         model_file = export.model_file(int8).name
@@ -134,8 +135,9 @@ def load_model(
 
     `int8` picks an export's model.int8.onnx; `options` go to the Predictor (batch_size, workers, threads)."""
     path = Path(path)
-    if (path.suffix == ".onnx" and ExportFolder.is_export(path.parent)) or ExportFolder.is_export(path):
-        return _load_export(path, int8, tta, device, options)
+    export = ExportFolder.named_by(path)
+    if export is not None:
+        return _load_export(*export, int8, tta, device, options)
     if int8:
         raise ConfigError(f"{path}: --int8 needs an export folder; make one with `blastscan export {path} --int8`")
     run = RunFolder.open(path, need=("model_card", "weights"))

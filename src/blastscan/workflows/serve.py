@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from blastscan.deploy.service import ACCESS_LOG, ServiceLimits, create_app
 from blastscan.workflows.analyze import open_analyzer
@@ -25,7 +26,7 @@ def build_app(
     device: str = "auto",
     backend: str = "auto",
     int8: bool = False,
-):  # -> fastapi.FastAPI (not annotated: the annotation would be the only reason to import FastAPI here)
+) -> FastAPI:
     """The service's application for `model` (see `open_analyzer`)."""
     analyzer, card = open_analyzer(model, device=device, backend=backend, int8=int8)
     return create_app(analyzer, card, limits)
