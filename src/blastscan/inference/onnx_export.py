@@ -11,6 +11,7 @@ name and renamed, so a crash never leaves a half-written model where a reader wo
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import tempfile
@@ -40,7 +41,8 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
     """`model` as a float32 ONNX file at `path`: input `image` (N, 3, S, S) normalised, output `logits` (N, 2)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+    # A copy: the caller's module (a TorchPredictor's, in channels_last, maybe on a GPU) is left as it was.
+    model = copy.deepcopy(model).eval().to("cpu", memory_format=torch.contiguous_format)
     example = torch.zeros(2, 3, image_size, image_size)
     part = _temporary_beside(path)
     try:
