@@ -167,8 +167,9 @@ def _audit_split(report: AuditReport, manifest: Manifest, splits: SplitResult, s
     for (split, label), n in table.groupby(["split", "label"]).size().items():
         counts.setdefault(str(split), {})[str(label)] = int(n)
     report.split_counts = counts
-    if manifest.has_patients:
-        for patient, rows in table.groupby("patient_id"):
+    named = table["patient_id"].notna() & (table["patient_id"].astype(str) != "")
+    if named.any():  # a multi-source manifest may name patients for some sources only: check those
+        for patient, rows in table[named].groupby("patient_id"):
             sides = sorted(set(rows["split"]))
             if len(sides) > 1:
                 report.patient_leaks.append(PatientLeak(patient_id=str(patient), splits=sides, images=len(rows)))

@@ -114,18 +114,27 @@ class ImageCache:
         cache_dir: str | Path | None = None,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
         transform_key: dict[str, Any] | None = None,
+        decode: Callable[[Path], tuple[np.ndarray, bool]] | None = None,
+        decode_key: dict[str, Any] | None = None,
     ) -> None:
         """`transform` (e.g. a fitted stain normaliser's `normalize`) runs on each resized row before it is stored;
-        `transform_key` describes it (its fitted state) and becomes part of the entry's key."""
+        `transform_key` describes it (its fitted state) and becomes part of the entry's key.
+
+        `decode`, instead of `load_resized` + `transform`, turns a source file into its (size, size, 3) row and a
+        flag (False: the recipe fell back, e.g. no cell was found to frame); `row_flags()` gives the flags back.
+        `decode_key` describes it and becomes part of the key."""
         if int(size) != size or size < 1:
             raise ValueError(f"size must be a positive integer, not {size!r}")
         if len(manifest) == 0:
             raise DatasetError("cannot cache an empty manifest: it has no rows")
         if transform is not None and transform_key is None:
             raise ValueError("a cache transform needs a transform_key that describes it (it is part of the key)")
+        if decode is not None and (decode_key is None or transform is not None):
+            raise ValueError("a cache decode needs a decode_key that describes it, and replaces any transform")
         self.manifest = manifest
         self.size = int(size)
         self.transform = transform
+        self.decode = decode
         root = manifest.root.resolve()
         self.sources: list[Path] = [root / p for p in manifest.table["path"]]
         self.cache_dir = Path(cache_dir).expanduser().absolute() if cache_dir is not None else default_cache_dir()
@@ -140,6 +149,7 @@ class ImageCache:
             "size": self.size,
             "preprocessing": preprocessing(self.size),
             **({"transform": transform_key} if transform_key is not None else {}),
+            **({"decode": decode_key} if decode_key is not None else {}),
             "paths": [str(p) for p in self.sources],
         }
         self.key = hashlib.sha256(json.dumps(self._entry, sort_keys=True).encode("utf-8")).hexdigest()
@@ -147,6 +157,7 @@ class ImageCache:
         self._built = False
         self._memmap: np.memmap | None = None
         self._rows: np.ndarray | None = None
+        self._flags: list[bool] | None = None
 
     # -- reading -------------------------------------------------------------------------------------------------
 
@@ -170,6 +181,12 @@ class ImageCache:
         assert self._memmap is not None
         return self._memmap
 
+    def row_flags(self) -> np.ndarray:
+        """(N,) bool: per row, whether its decode recipe did all it meant to (always True without `decode`)."""
+        self._open_for_reading()
+        assert self._flags is not None
+        return np.asarray(self._flags, dtype=bool)
+
     def __repr__(self) -> str:
         state = "built" if self._built else "not built"
         return f"ImageCache({len(self)} images, {self.size}px, {state}, {self.path})"
@@ -180,6 +197,7 @@ class ImageCache:
         state["_memmap"] = None
         state["_rows"] = None
         state["transform"] = None  # readers never decode, so workers need no transform
+        state["decode"] = None
         return state
 
     def _open_for_reading(self) -> None:
@@ -222,8 +240,9 @@ class ImageCache:
             if stored is None:
                 valid = [False] * len(self)
                 recorded: list[list[int] | None] = [None] * len(self)
+                flags = [True] * len(self)
             else:
-                recorded, stored_valid = stored
+                recorded, stored_valid, flags = stored
                 valid = [v and r == f for v, r, f in zip(stored_valid, recorded, fingerprints, strict=True)]
             todo = [i for i, ok in enumerate(valid) if not ok]
             reused = len(self) - len(todo)
@@ -232,9 +251,10 @@ class ImageCache:
             if todo:
                 # Rows about to be overwritten must not stay marked valid should this build be killed.
                 if stored is None or valid != stored[1]:
-                    self._write_index(recorded, valid)
-                self._decode_rows(data, todo, fingerprints, recorded, valid, workers, progress)
+                    self._write_index(recorded, valid, flags)
+                self._decode_rows(data, todo, fingerprints, recorded, valid, flags, workers, progress)
             del data
+        self._flags = flags
         self._built = True
         return CacheStats(reused=reused, decoded=len(todo), seconds=time.perf_counter() - start)
 
@@ -245,6 +265,7 @@ class ImageCache:
         fingerprints: list[list[int]],
         recorded: list[list[int] | None],
         valid: list[bool],
+        flags: list[bool],
         workers: int,
         progress: Callable[[int], None] | None,
     ) -> None:
@@ -252,12 +273,15 @@ class ImageCache:
 
         def decode(i: int) -> None:
             # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
+            if self.decode is not None:
+                data[i], flags[i] = self.decode(self.sources[i])
+                return
             row = load_resized(self.sources[i], size)
             data[i] = self.transform(row) if self.transform is not None else row
 
         def checkpoint() -> None:
             data.flush()
-            self._write_index(recorded, valid)
+            self._write_index(recorded, valid, flags)
 
         last = time.monotonic()
         pool = ThreadPoolExecutor(max_workers=workers)
@@ -327,23 +351,31 @@ class ImageCache:
         expected = (tuple(shape), bool(fortran), np.dtype(dtype)) == (self._shape, False, np.dtype(np.uint8))
         return expected and length == offset + int(np.prod(self._shape))
 
-    def _read_index(self) -> tuple[list[list[int] | None], list[bool]] | None:
-        """The stored fingerprints and valid flags, or None when the index is missing or not this entry's."""
+    def _read_index(self) -> tuple[list[list[int] | None], list[bool], list[bool]] | None:
+        """The stored fingerprints, valid flags and row flags, or None when the index is missing or not this
+        entry's."""
         try:
             index = json.loads(self._index_path.read_text(encoding="utf-8"))
             if index["format"] != CACHE_FORMAT or index["key"] != self.key:
                 return None
             recorded, valid = index["fingerprints"], [bool(v) for v in index["valid"]]
+            flags = [bool(v) for v in index.get("flags", [1] * len(valid))]
         except (OSError, ValueError, KeyError, TypeError):
             return None  # the cache is disposable: an unreadable index means rebuild
-        if len(recorded) != len(self) or len(valid) != len(self):
+        if not len(recorded) == len(valid) == len(flags) == len(self):
             return None
-        return recorded, valid
+        return recorded, valid, flags
 
-    def _write_index(self, recorded: list[list[int] | None], valid: list[bool]) -> None:
+    def _write_index(self, recorded: list[list[int] | None], valid: list[bool], flags: list[bool]) -> None:
         _write_json_atomic(
             self._index_path,
-            {"format": CACHE_FORMAT, "key": self.key, "fingerprints": recorded, "valid": [int(v) for v in valid]},
+            {
+                "format": CACHE_FORMAT,
+                "key": self.key,
+                "fingerprints": recorded,
+                "valid": [int(v) for v in valid],
+                "flags": [int(v) for v in flags],
+            },
         )
 
     @contextlib.contextmanager

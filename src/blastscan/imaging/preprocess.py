@@ -1,9 +1,11 @@
 """What a model is fed, the same in training and inference: one function per step.
 
-1. `prepare_image`: decode (or take an array), resize to the model's square size with Pillow's LANCZOS, and apply
-   the run's stain normalisation when it was trained with one. `prepared_cache` stores exactly this for a whole
-   manifest (rows are `load_resized` + the normaliser as the cache transform); training and `Predictor` both read
-   it, so a file scored by `Predictor` and the same file read from a training cache are the same uint8 pixels.
+1. `prepare_image`: decode (or take an array), frame it on its cell when the run was trained with a cell focus
+   (`blastscan.imaging.cell_focus`: crop, then after normalisation blank the background for `mask`), resize to the
+   model's square size with Pillow's LANCZOS, and apply the run's stain normalisation when it was trained with one.
+   `prepared_cache` stores exactly this for a whole manifest (rows are `load_resized` + the normaliser as the cache
+   transform, or this function itself with a cell focus); training and `Predictor` both read it, so a file scored
+   by `Predictor` and the same file read from a training cache are the same uint8 pixels.
 2. `normalize_array`: (N, H, W, 3) prepared uint8 images to the float32 (N, 3, H, W) `(x / 255 - mean) / std`
    batch, in NumPy (the ONNX Runtime backend); `blastscan.imaging.augment.normalize_batch` is the same on torch
    tensors, on whatever device the batch is on (training and the torch backend).
@@ -21,9 +23,14 @@ import numpy as np
 from PIL import Image
 
 from blastscan.data.cache import ImageCache
-from blastscan.data.images import load_resized, resize_rgb
+from blastscan.data.images import load_resized, load_rgb, resize_rgb
 from blastscan.data.manifest import Manifest
 from blastscan.errors import DatasetError
+from blastscan.imaging.cell_focus import CellFocus
+
+#: With a cell focus, files are decoded with at least this many times the model's side (the crop is then cut at
+#: that resolution and resized down, so framing loses no detail).
+FOCUS_DECODE_FACTOR = 2
 
 #: What `prepare_image` accepts: a file path, an (H, W, 3) uint8 RGB array, or a PIL image.
 ImageSource = str | Path | np.ndarray | Image.Image
@@ -49,11 +56,30 @@ def as_rgb_array(image: np.ndarray | Image.Image, name: str = "image") -> np.nda
     return np.ascontiguousarray(array[..., :3])
 
 
-def prepare_image(source: ImageSource, size: int, stain: StainNormalizer | None = None) -> np.ndarray:
-    """`source` as the model sees it before normalisation: (size, size, 3) uint8, stain-normalised if `stain`."""
+def prepare_image_and_flag(
+    source: ImageSource, size: int, stain: StainNormalizer | None = None, focus: CellFocus | None = None
+) -> tuple[np.ndarray, bool]:
+    """`prepare_image`'s image and whether its cell focus found a cell (always True without a focus)."""
     from_file = isinstance(source, str | Path)
-    image = load_resized(source, size) if from_file else resize_rgb(as_rgb_array(source), size)
-    return stain.normalize(image) if stain is not None else image
+    if focus is None or not focus.active:
+        image = load_resized(source, size) if from_file else resize_rgb(as_rgb_array(source), size)
+        return (stain.normalize(image) if stain is not None else image), True
+    full = load_rgb(source, min_side=FOCUS_DECODE_FACTOR * size) if from_file else as_rgb_array(source)
+    framed = focus.frame(full)
+    image = resize_rgb(framed.image, size)
+    if stain is not None:
+        image = stain.normalize(image)
+    if framed.mask is not None:
+        image = focus.fill(image, framed.mask)
+    return image, framed.ok
+
+
+def prepare_image(
+    source: ImageSource, size: int, stain: StainNormalizer | None = None, focus: CellFocus | None = None
+) -> np.ndarray:
+    """`source` as the model sees it before normalisation: (size, size, 3) uint8, framed on its cell if `focus`,
+    stain-normalised if `stain`."""
+    return prepare_image_and_flag(source, size, stain, focus)[0]
 
 
 def prepared_cache(
@@ -63,10 +89,20 @@ def prepared_cache(
     stain_state: dict[str, Any] | None = None,
     cache_dir: str | Path | None = None,
     workers: int = 2,
+    focus: CellFocus | None = None,
 ) -> ImageCache:
     """The built image cache of `manifest` prepared as `prepare_image` does; `stain_state` (the normaliser's
-    `to_dict()`) is part of the cache key, so each fitted normaliser has its own entries."""
-    if stain is None:
+    `to_dict()`) and the focus are part of the cache key, so each fitted normaliser has its own entries. With a
+    focus, the cache's `row_flags()` say which rows had a cell to frame."""
+    if focus is not None and focus.active:
+        cache = ImageCache(
+            manifest,
+            size=size,
+            cache_dir=cache_dir,
+            decode=lambda path: prepare_image_and_flag(path, size, stain, focus),
+            decode_key={"cell_focus": focus.to_dict(), "stain": stain_state, "decode_factor": FOCUS_DECODE_FACTOR},
+        )
+    elif stain is None:
         cache = ImageCache(manifest, size=size, cache_dir=cache_dir)
     else:
         cache = ImageCache(

@@ -25,7 +25,8 @@ from PIL import Image
 from blastscan.data.cache import ImageCache
 from blastscan.data.manifest import Manifest
 from blastscan.errors import BlastscanError, ConfigError, DatasetError
-from blastscan.imaging.preprocess import ImageSource, prepare_image, prepared_cache
+from blastscan.imaging.cell_focus import CellFocus
+from blastscan.imaging.preprocess import ImageSource, prepare_image_and_flag, prepared_cache
 from blastscan.imaging.stain import stain_method_from_dict
 from blastscan.registry import Registry
 from blastscan.runs import FOR_INFERENCE, ExportFolder, RunFolder
@@ -47,19 +48,27 @@ def usable_cpus() -> int:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a network expects: square side, per-channel mean and std (on 0-1 pixels), and stain normalisation."""
+    """What a network expects: square side, per-channel mean and std (on 0-1 pixels), stain normalisation, and
+    the cell framing (`blastscan.imaging.cell_focus`) it was trained with."""
 
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     stain_state: dict[str, Any] | None = None
+    cell_focus: dict[str, Any] | None = None
 
     @classmethod
     def of_run(cls, run: RunFolder) -> InputSpec:
         """The spec in a run's model card and stain state."""
         card = run.model_card()
         try:
-            return cls(int(card["image_size"]), tuple(card["mean"]), tuple(card["std"]), run.stain_state())
+            return cls(
+                int(card["image_size"]),
+                tuple(card["mean"]),
+                tuple(card["std"]),
+                run.stain_state(),
+                card.get("cell_focus"),
+            )
         except KeyError as exc:
             raise ConfigError(f"{run.model_card_path}: no {exc} field; the model card is incomplete") from None
 
@@ -73,6 +82,7 @@ class InputSpec:
                 tuple(contract["mean"]),
                 tuple(contract["std"]),
                 preprocessing.get("stain_normalisation"),
+                preprocessing.get("cell_focus"),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{source}: no input {exc} field; the file is incomplete, re-export the model") from None
@@ -85,6 +95,8 @@ class ScoredBatch:
     sources: list[Any]
     logits: np.ndarray
     failures: list[tuple[Any, str]] = field(default_factory=list)
+    #: Per source read: whether the model's cell focus found a cell to frame (all True without a focus).
+    cell_found: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -145,6 +157,7 @@ class Predictor(ABC):
         self.tta = bool(tta)
         self.workers = max(1, int(workers))
         self.stain = stain_method_from_dict(spec.stain_state) if spec.stain_state is not None else None
+        self.focus = CellFocus.from_dict(spec.cell_focus)
 
     @classmethod
     def from_run(
@@ -176,12 +189,18 @@ class Predictor(ABC):
     # ------------------------------------------------------------------------------------------- preparing
 
     def prepare(self, source: ImageSource) -> np.ndarray:
-        """One image as the network sees it before normalisation: (S, S, 3) uint8, stain-normalised."""
-        return prepare_image(source, self.image_size, self.stain)
+        """One image as the network sees it before normalisation: (S, S, 3) uint8, framed and stain-normalised."""
+        return self.prepare_and_flag(source)[0]
+
+    def prepare_and_flag(self, source: ImageSource) -> tuple[np.ndarray, bool]:
+        """`prepare(source)` and whether the cell focus found a cell (True without a focus)."""
+        return prepare_image_and_flag(source, self.image_size, self.stain, self.focus)
 
     def image_cache(self, manifest: Manifest, cache_dir: str | Path | None = None, workers: int = 2) -> ImageCache:
-        """The (built) image cache of `manifest`'s images prepared for this network: its size, its stain."""
-        return prepared_cache(manifest, self.image_size, self.stain, self.spec.stain_state, cache_dir, workers)
+        """The (built) image cache of `manifest`'s images prepared for this network: its size, framing, stain."""
+        return prepared_cache(
+            manifest, self.image_size, self.stain, self.spec.stain_state, cache_dir, workers, self.focus
+        )
 
     # ------------------------------------------------------------------------------------------- the network
 
@@ -238,18 +257,21 @@ class Predictor(ABC):
 
     # --------------------------------------------------------------------------------------------- streaming
 
-    def _read(self, source: Any) -> np.ndarray | str:
-        """The prepared image, or why it could not be read."""
+    def _read(self, source: Any) -> tuple[np.ndarray, bool] | str:
+        """The prepared image and whether its cell was found, or why it could not be read."""
         try:
-            return self.prepare(source)
+            return self.prepare_and_flag(source)
         except BlastscanError as exc:
             # The reader's message ends with advice for `data scan` ("; ... --skip-bad"); predict skips anyway.
             return str(exc).rsplit("; ", 1)[0]
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             return f"{source}: not a readable image ({type(exc).__name__}: {exc})"
 
-    def prepared_batches(self, sources: Iterable[Any]) -> Iterator[tuple[list[Any], np.ndarray, list[tuple]]]:
-        """(sources read, their (n, S, S, 3) prepared images, [(source, reason) unreadable]) per batch.
+    def prepared_batches(
+        self, sources: Iterable[Any]
+    ) -> Iterator[tuple[list[Any], np.ndarray, list[tuple], np.ndarray]]:
+        """(sources read, their (n, S, S, 3) prepared images, [(source, reason) unreadable], (n,) cell found) per
+        batch.
 
         Decoding runs on `workers` threads one batch ahead of the caller; at most three batches are held."""
         size = self.image_size
@@ -263,24 +285,27 @@ class Predictor(ABC):
                 yield self._collect(*pending.popleft(), size)
 
     @staticmethod
-    def _collect(chunk: list[Any], futures: list[Future], size: int) -> tuple[list[Any], np.ndarray, list[tuple]]:
-        read, images, failures = [], [], []
+    def _collect(
+        chunk: list[Any], futures: list[Future], size: int
+    ) -> tuple[list[Any], np.ndarray, list[tuple], np.ndarray]:
+        read, images, failures, found = [], [], [], []
         for source, future in zip(chunk, futures, strict=True):
             result = future.result()
             if isinstance(result, str):
                 failures.append((source, result))
             else:
                 read.append(source)
-                images.append(result)
+                images.append(result[0])
+                found.append(result[1])
         stacked = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
-        return read, stacked, failures
+        return read, stacked, failures, np.asarray(found, dtype=bool)
 
     def stream(self, sources: Iterable[Any], tta: bool | None = None) -> Iterator[ScoredBatch]:
         """Score any number of images in constant memory, one `ScoredBatch` per batch; unreadable ones are listed
         in the batch's `failures`, never raised."""
-        for read, images, failures in self.prepared_batches(sources):
+        for read, images, failures, found in self.prepared_batches(sources):
             logits = self.logits_prepared(images, tta) if len(images) else _empty_logits()
-            yield ScoredBatch(read, logits, failures)
+            yield ScoredBatch(read, logits, failures, found)
 
     def _all(self, sources: Sequence[Any] | Iterable[Any], tta: bool | None) -> np.ndarray:
         logits = []

@@ -158,7 +158,7 @@ class TorchPredictor(Predictor):
     def embed(self, images: Iterable[ImageSource]) -> np.ndarray:
         """(N, D) pooled penultimate features of images (paths, arrays or PIL images)."""
         outputs = []
-        for _, prepared, failures in self.prepared_batches(images):
+        for _, prepared, failures, _ in self.prepared_batches(images):
             raise_failures(failures)
             outputs.append(self.embed_prepared(prepared))
         return np.concatenate(outputs) if outputs else self.embed_prepared(np.zeros((0, 1, 1, 3), dtype=np.uint8))

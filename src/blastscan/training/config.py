@@ -17,6 +17,7 @@ from blastscan.data.crop_sources import default_fields_root, resolve_fields
 from blastscan.data.registry import READERS
 from blastscan.errors import ConfigError, DatasetError
 from blastscan.imaging.augment import AugmentConfig
+from blastscan.imaging.cell_focus import DEFAULT_MARGIN, CellFocus, CellFocusMode
 from blastscan.imaging.stain import STAIN_METHODS
 from blastscan.registry import Registry
 from blastscan.training.losses import LOSSES
@@ -50,6 +51,12 @@ class DataConfig(_Strict):
         "auto",
         description=f"Reader for `root`: auto or one of {', '.join(READERS.names())} (see `blastscan data scan`).",
     )
+    extra_sources: list[str] = Field(
+        default_factory=list,
+        description="Further datasets (folders, lab CSVs or manifests; $BLASTSCAN_DATA is expanded) trained on "
+        "together with `root`: multi-source training. Every row keeps its source in the manifest's `dataset` "
+        "column, each source is split by its own patients, and training batches draw every source equally often.",
+    )
     splits: str | None = Field(None, description="An existing split file; made from `split` when not given.")
     split: SplitConfig = Field(default_factory=SplitConfig)
     image_size: int = Field(224, ge=32, le=1024, description="Side of the square training images, in pixels.")
@@ -58,6 +65,15 @@ class DataConfig(_Strict):
         "none",
         description=f"Normalise every image to a reference training image before caching: one of "
         f"{', '.join(STAIN_METHODS.names())}.",
+    )
+    cell_focus: CellFocusMode = Field(
+        "none",
+        description="Frame every input on its segmented leukocyte: none, crop (a square box around the cell, "
+        "`cell_focus_margin` of its extent on each side) or mask (the crop with everything outside the cell set to "
+        "neutral grey). Applied the same way in training, evaluation, predict, analyze and export.",
+    )
+    cell_focus_margin: float = Field(
+        DEFAULT_MARGIN, ge=0.0, le=2.0, description="Box margin per side, as a share of the cell's extent."
     )
     drop_label_conflicts: bool = Field(
         False,
@@ -99,6 +115,14 @@ class DataConfig(_Strict):
     def resolved_root(self) -> Path:
         """`root` with `$BLASTSCAN_DATA` (default ../shared/datasets) and `~` expanded."""
         return _expand_data_path(self.root)
+
+    def resolved_sources(self) -> list[Path]:
+        """`root` and every `extra_sources` entry, expanded like `root`."""
+        return [self.resolved_root(), *(_expand_data_path(source) for source in self.extra_sources)]
+
+    def focus(self) -> CellFocus:
+        """The cell framing `cell_focus` and `cell_focus_margin` describe."""
+        return CellFocus(self.cell_focus, self.cell_focus_margin)
 
     def resolved_fields_root(self) -> Path:
         """`fields_root` expanded like `root`, or ALL_IDB1 beside an ALL-IDB2 `root`; a ConfigError when neither."""

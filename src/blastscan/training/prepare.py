@@ -11,10 +11,13 @@ from blastscan.data.audit import AuditReport, audit
 from blastscan.data.cache import ImageCache
 from blastscan.data.crop_sources import CropSource, field_images, locate_crop_sources
 from blastscan.data.manifest import Manifest, class_targets
+from blastscan.data.parallel import threaded_map
 from blastscan.data.scan import load_or_scan
+from blastscan.data.sources import split_sources
 from blastscan.data.splits import SplitResult, make_split, read_splits
 from blastscan.errors import ConfigError, TrainingError
-from blastscan.imaging.preprocess import prepared_cache
+from blastscan.imaging.cell_focus import CellFocus
+from blastscan.imaging.preprocess import prepare_image, prepared_cache
 from blastscan.imaging.stain import create_stain_method, foreground_mask
 from blastscan.training.config import TrainConfig
 
@@ -60,17 +63,33 @@ def _check_classes(targets: np.ndarray, rows: dict[str, np.ndarray], positive_la
                 )
 
 
-def _reference_row(cache: ImageCache, rows: np.ndarray, limit: int = 64) -> int:
-    """The training image whose mean foreground colour is nearest the median: a typical stain to normalise to."""
+def _reference_image(
+    manifest: Manifest, rows: np.ndarray, size: int, focus: CellFocus, workers: int, limit: int = 64
+) -> np.ndarray:
+    """The training image whose mean foreground colour is nearest the median: a typical stain to normalise to.
+
+    Images are prepared as the cache prepares them but never with a `mask` focus's neutral fill (the stain is
+    fitted on the cell and its real surround; the fill comes after normalisation)."""
+    fit_focus = CellFocus("crop", focus.margin) if focus.mode == "mask" else focus
+    paths = manifest.absolute_paths()
     sample = rows[np.linspace(0, len(rows) - 1, min(limit, len(rows))).astype(int)]
+    images = threaded_map(lambda row: prepare_image(paths[int(row)], size, None, fit_focus), sample, workers)
     colours = []
-    for row in sample:
-        image = np.asarray(cache[int(row)])
+    for image in images:
         mask = foreground_mask(image)
         colours.append(image[mask].mean(axis=0) if mask.any() else np.full(3, np.inf))
     colours_array = np.array(colours)
     median = np.median(colours_array[np.isfinite(colours_array).all(axis=1)], axis=0)
-    return int(sample[np.argmin(np.linalg.norm(colours_array - median, axis=1))])
+    return images[int(np.argmin(np.linalg.norm(colours_array - median, axis=1)))]
+
+
+def focus_note(focus: CellFocus, cache: ImageCache, rows: dict[str, np.ndarray]) -> str | None:
+    """How many images of each split had no cell to frame (and were used whole), or None without a cell focus."""
+    if not focus.active:
+        return None
+    missed = ~cache.row_flags()
+    counts = ", ".join(f"{split} {int(missed[r].sum())} of {len(r)}" for split, r in rows.items())
+    return f"cell focus ({focus.mode}): no cell found, so the image was used whole, in {counts}"
 
 
 def _without_rows(
@@ -126,11 +145,31 @@ def _crops_from_fields(config: TrainConfig, manifest: Manifest, workers: int) ->
     return keep, sources
 
 
+def _multi_source(config: TrainConfig) -> tuple[Manifest, SplitResult]:
+    """The combined manifest of `data.root` and `data.extra_sources` and its per-source split (or `data.splits`)."""
+    if config.data.leave_out_fields:
+        raise ConfigError(
+            "data.leave_out_fields works on one ALL-IDB2 source; it cannot be combined with extra_sources"
+        )
+    manifests = [
+        load_or_scan(root, config.data.format if i == 0 else "auto")
+        for i, root in enumerate(config.data.resolved_sources())
+    ]
+    split_cfg = config.data.split
+    manifest, splits = split_sources(manifests, split_cfg.train, split_cfg.val, split_cfg.test, split_cfg.seed)
+    if config.data.splits:
+        splits = read_splits(Path(config.data.splits).expanduser(), manifest)
+    return manifest, splits
+
+
 def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
     """Load or scan the dataset, load or make the split, audit it (a leak stops the run), fill the cache."""
-    manifest = load_or_scan(config.data.resolved_root(), config.data.format)
     split_cfg = config.data.split
-    splits = read_splits(Path(config.data.splits).expanduser(), manifest) if config.data.splits else None
+    if config.data.extra_sources:
+        manifest, splits = _multi_source(config)
+    else:
+        manifest = load_or_scan(config.data.resolved_root(), config.data.format)
+        splits = read_splits(Path(config.data.splits).expanduser(), manifest) if config.data.splits else None
     sources = None
     if config.data.leave_out_fields:
         keep, sources = _crops_from_fields(config, manifest, workers)
@@ -163,12 +202,14 @@ def prepare_data(config: TrainConfig, workers: int = 2) -> PreparedData:
     rows = _split_rows(splits)
     _check_classes(targets, rows, config.data.positive_label)
 
-    size, cache_dir = config.data.image_size, config.data.cache_dir
-    cache = prepared_cache(manifest, size, cache_dir=cache_dir, workers=workers)
-    stain_state = None
+    size, cache_dir, focus = config.data.image_size, config.data.cache_dir, config.data.focus()
+    normalizer, stain_state = None, None
     if config.data.stain_normalization != "none":
         normalizer = create_stain_method(config.data.stain_normalization)
-        normalizer.fit(np.asarray(cache[_reference_row(cache, rows["train"])]))
+        normalizer.fit(_reference_image(manifest, rows["train"], size, focus, workers))
         stain_state = normalizer.to_dict()
-        cache = prepared_cache(manifest, size, normalizer, stain_state, cache_dir, workers)
+    cache = prepared_cache(manifest, size, normalizer, stain_state, cache_dir, workers, focus)
+    note = focus_note(focus, cache, rows)
+    if note is not None:
+        report.notes.append(note)
     return PreparedData(manifest, splits, report, targets, rows, cache, stain_state, sources)

@@ -30,6 +30,7 @@ from blastscan.evaluation.metrics import (
     threshold_for_specificity,
     youden_threshold,
 )
+from blastscan.imaging.cell_focus import CellFocus
 from blastscan.imaging.preprocess import normalize_array
 from blastscan.inference import InputSpec, probabilities
 from blastscan.inference.onnx_backend import INPUT_NAME, OUTPUT_NAME, OnnxPredictor
@@ -235,6 +236,7 @@ def export_run(
             "formula": "(x / 255 - mean) / std, per channel",
         },
         "stain_normalisation": spec.stain_state,
+        "cell_focus": CellFocus.from_dict(spec.cell_focus).to_dict(),
         "output": {
             "name": OUTPUT_NAME,
             "shape": ["batch", len(classes)],

@@ -114,8 +114,9 @@ def predict(
     call` rows to `out`.
 
     The CSV's first line is `# blastscan-predictions {json}`: the run, the model, the threshold and where it came
-    from, and TTA. It is written as `<out>.part` and renamed when complete, so an interrupted run never leaves a
-    file that looks finished. Raises DatasetError when no image could be read (the skipped list is written first).
+    from, TTA and the cell focus; with a focus, a `cell_found` column flags images scored whole (no cell framed).
+    It is written as `<out>.part` and renamed when complete, so an interrupted run never leaves a file that looks
+    finished. Raises DatasetError when no image could be read (the skipped list is written first).
     """
     started = time.perf_counter()
     model = load_model(
@@ -134,19 +135,23 @@ def predict(
         "positive_label": (model.card.get("classes") or ["", "positive"])[-1],
         "device": str(predictor.device),
         "backend": predictor.backend,
+        "cell_focus": predictor.focus.to_dict(),
     }
+    focus = predictor.focus.active
     partial = out.with_name(out.name + ".part")
     failures: list[tuple[str, str]] = []
     scored = positive = 0
     with partial.open("w", newline="") as handle:
         handle.write(PREDICTIONS_MAGIC + json.dumps(header) + "\n")
         writer = csv.writer(handle)
-        writer.writerow(["path", "probability", "call"])
+        # With a cell focus, `cell_found` 0 flags images scored whole because no cell could be framed.
+        writer.writerow(["path", "probability", "call", *(["cell_found"] if focus else [])])
         for batch in predictor.stream(iter_sources(inputs)):
             p = batch.probabilities
             calls = p >= threshold
             writer.writerows(
-                (source, f"{prob:.6f}", int(call)) for source, prob, call in zip(batch.sources, p, calls, strict=True)
+                (source, f"{prob:.6f}", int(call), *([int(found)] if focus else []))
+                for source, prob, call, found in zip(batch.sources, p, calls, batch.cell_found, strict=True)
             )
             failures.extend((str(source), reason) for source, reason in batch.failures)
             scored += len(batch.sources)

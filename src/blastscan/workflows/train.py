@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from blastscan.data.sources import source_balanced_weights
 from blastscan.errors import ConfigError, TrainingError
 from blastscan.imaging.augment import save_augmentation_grid
 from blastscan.models import preprocessing_for, unfreeze
@@ -60,6 +61,17 @@ def run_dir_for(config: TrainConfig) -> Path:
     return Path(config.runs_dir) / config.name
 
 
+def _sample_weights(config: TrainConfig, data: PreparedData) -> np.ndarray | torch.Tensor | None:
+    """Training-row sampling weights: every source equally often when there are several (and every class within
+    each with `loss.sampler: balanced`), every class equally often with one source and `balanced`, else None."""
+    train_targets = data.targets[data.split_rows["train"]]
+    by_class = config.loss.sampler == "balanced"
+    if config.data.extra_sources:
+        sources = data.manifest.table["dataset"].astype(str).to_numpy()[data.split_rows["train"]]
+        return source_balanced_weights(sources, train_targets, by_class)
+    return balanced_sample_weights(train_targets) if by_class else None
+
+
 @rank_zero_only
 def _write_run_inputs(run: RunFolder, config: TrainConfig, data: PreparedData, mean: Any, std: Any) -> None:
     model_card = {
@@ -72,8 +84,13 @@ def _write_run_inputs(run: RunFolder, config: TrainConfig, data: PreparedData, m
         "mean": list(mean),
         "std": list(std),
         "stain_normalization": config.data.stain_normalization,
+        "cell_focus": config.data.focus().to_dict(),
         "class_counts": {split: data.class_counts(split) for split in ("train", "val", "test")},
     }
+    if config.data.extra_sources:
+        rows = data.split_rows["train"]
+        sources = data.manifest.table["dataset"].astype(str).to_numpy()[rows]
+        model_card["sources"] = {str(k): int(v) for k, v in zip(*np.unique(sources, return_counts=True), strict=True)}
     run.write_inputs(config, data.manifest, data.splits, data.audit, model_card, data.stain_state)
     if data.crop_sources is not None:
         run.write_crop_sources(data.crop_sources)
@@ -114,8 +131,7 @@ def train(
     _write_run_inputs(run, config, data, mean, std)
 
     counts = data.class_counts("train")
-    train_targets = data.targets[data.split_rows["train"]]
-    sample_weights = balanced_sample_weights(train_targets) if config.loss.sampler == "balanced" else None
+    sample_weights = _sample_weights(config, data)
     datamodule = CellDataModule(
         data.cache,
         data.split_rows,
