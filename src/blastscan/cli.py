@@ -310,30 +310,57 @@ def crossval(
 @command(app)
 def transfer(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML (model, training).")],
-    train_on: Annotated[list[str], typer.Option("--train", help="Dataset to train on (repeatable).")],
-    test_on: Annotated[list[str], typer.Option("--test", help="Dataset to test on (repeatable).")],
-    variant: Annotated[
-        list[str] | None, typer.Option(help="Stain handling: plain, stain-jitter, reinhard (repeatable).")
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="A labelled cell dataset (folder, lab CSV or manifest; repeatable). Default: every one of a known "
+            "layout under $BLASTSCAN_DATA.",
+        ),
     ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="plain, stain-jitter, reinhard, crop, mask, strong-stain, mask-reinhard-strong "
+            "(repeatable). Default: all but stain-jitter."
+        ),
+    ] = None,
+    leave_one_out: Annotated[
+        bool, typer.Option(help="Also train on all datasets but one and test on the one left out.")
+    ] = True,
+    audit: Annotated[bool, typer.Option(help="Run the shortcut audit on every model.")] = True,
+    explain_images: Annotated[int, typer.Option(help="Images per model for the CAM-in-cell share (0: none).")] = 100,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples per evaluation.")] = 1000,
     device: DeviceOption = "auto",
 ) -> None:
-    """Train on one dataset, test on others: an AUROC / F1 matrix per stain-handling variant."""
-    from blastscan.training.config import load_config
-    from blastscan.workflows.experiments import transfer as run_transfer
+    """The external-validation matrix: every variant trained on each dataset (and on all but one), tested on the
+    others, with CIs, a shortcut audit and the CAM-in-cell share per model."""
+    from blastscan.data.registry import find_cell_datasets
+    from blastscan.training.config import DataConfig, load_config
+    from blastscan.workflows.transfer import DEFAULT_VARIANTS
+    from blastscan.workflows.transfer import transfer as run_transfer
 
+    roots: list[str] = list(dataset or [])
+    if not roots:
+        data_dir = DataConfig(root="$BLASTSCAN_DATA").resolved_root()
+        found = find_cell_datasets(data_dir) if data_dir.is_dir() else []
+        say(f"datasets under {data_dir}: " + (", ".join(f"{p} ({n})" for n, p in found) or "none"))
+        roots = [str(p) for _, p in found]
     result = run_transfer(
         load_config(config, list(set_ or [])),
-        train_on,
-        test_on,
-        variants=variant or ["plain"],
+        roots,
+        variants=variant or list(DEFAULT_VARIANTS),
+        leave_one_out=leave_one_out,
+        audit=audit,
         n_boot=bootstrap,
+        explain_images=explain_images,
         log=say,
         device=device,
     )
     console.print((result.out_dir / "transfer.md").read_text(), highlight=False)
-    console.print(f"wrote {result.out_dir} (transfer.md, transfer.csv, heatmaps)", highlight=False)
+    console.print(f"wrote {result.out_dir} (transfer.md, transfer.csv, models.csv, heatmaps)", highlight=False)
 
 
 @command(app)

@@ -14,10 +14,12 @@ import pytest
 
 from blastscan.data.manifest import Manifest, write_manifest
 from blastscan.data.scan import scan
+from blastscan.runs import RunFolder
 from blastscan.training.config import parse_config
 from blastscan.workflows.evaluate import evaluate_run
-from blastscan.workflows.experiments import compare, comparison_markdown, crossval, transfer
+from blastscan.workflows.experiments import compare, comparison_markdown, crossval
 from blastscan.workflows.train import train
+from blastscan.workflows.transfer import transfer
 
 METRIC_KEYS = (
     "accuracy", "precision", "recall", "specificity", "f1", "f1_weighted", "roc_auc", "pr_auc",
@@ -109,12 +111,35 @@ def test_crossval_on_allidb2(allidb2_dir: Path, workdir: Path) -> None:
 
 def test_transfer_and_compare(allidb2_dir: Path, deepapl_subset: Path, workdir: Path, allidb2_run: Path) -> None:
     config = parse_config(tiny_tree(allidb2_dir, workdir, name="xfer") | {"trainer": {"max_epochs": 1}})
-    result = transfer(config, [str(allidb2_dir)], [str(deepapl_subset)], variants=["plain", "reinhard"], n_boot=50)
-    table = result.table
-    assert set(table["variant"]) == {"plain", "reinhard"}
-    assert set(table["test"]) == {"all_idb2", "deepapl_subset.csv"}
-    assert (result.out_dir / "transfer.md").is_file() and (result.out_dir / "transfer_plain_roc_auc.png").is_file()
-    assert table["external"].sum() == 2
+    result = transfer(
+        config, [str(allidb2_dir), str(deepapl_subset)], variants=["plain", "mask-reinhard-strong"], n_boot=50,
+        explain_images=8,
+    )  # fmt: skip
+    table, out = result.table, result.out_dir
+    assert set(table["variant"]) == {"plain", "mask-reinhard-strong"}
+    assert set(table["test"]) == {"all-idb2", "deepapl"}
+    # Per variant: 2 own test splits + 2 external pairs, and the 2 leave-one-out rows (one model each side).
+    assert len(table) == 12 and table["external"].sum() == 8
+    assert set(table["scheme"]) == {"single", "leave-one-out"}
+    assert table["roc_auc"].between(0, 1).all() and (table.loc[table["external"], "roc_auc_ci"] != "").all()
+    # The calibrated stain jitter was measured across both datasets and used by the strong variant's runs.
+    assert 0 < result.spread.sigma <= 0.8 and (out / "stain_spread.md").is_file()
+    strong = RunFolder(out / "deepapl-mask-reinhard-strong").config()
+    assert strong.augment.stain_jitter == result.spread.sigma and strong.data.cell_focus == "mask"
+    assert RunFolder(out / "deepapl-mask-reinhard-strong").model_card()["cell_focus"]["mode"] == "mask"
+    models = result.models
+    assert len(models) == 4 and models["cell_removed_roc_auc"].between(0, 1).all()
+    assert models["cam_in_cell"].dropna().between(0, 1).all()
+    markdown = (out / "transfer.md").read_text()
+    assert "Leave one dataset out" in markdown and "Grad-CAM energy in cell" in markdown
+    for name in ("transfer.csv", "models.csv", "transfer_plain_roc_auc.png", "transfer_external_roc_auc.png"):
+        assert (out / name).is_file(), name
+    again = transfer(config, [str(allidb2_dir), str(deepapl_subset)], variants=["plain"], n_boot=50, audit=False,
+                     explain_images=0)  # fmt: skip
+    np.testing.assert_allclose(  # finished runs are reused, not retrained
+        again.table.sort_values(["scheme", "train", "test"])["roc_auc"],
+        table[table["variant"] == "plain"].sort_values(["scheme", "train", "test"])["roc_auc"],
+    )
 
     evaluate_run(allidb2_run, n_boot=50)
     compared = compare([allidb2_run])

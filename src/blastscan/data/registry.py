@@ -41,6 +41,8 @@ class DatasetReader(ABC):
     description: ClassVar[str]
     #: Generic readers (a lab's folder-per-class) are tried by `auto` only when no specific one matches.
     generic: ClassVar[bool] = False
+    #: True for layouts of labelled single-cell images (what `find_cell_datasets` looks for).
+    single_cells: ClassVar[bool] = False
 
     @abstractmethod
     def locate(self, root: Path) -> Path | None:
@@ -99,3 +101,22 @@ def detect_format(root: Path) -> tuple[DatasetReader, Path]:
         + "; ".join(f"{r.name}: {r.description}" for r in readers)
         + ". Pass --format to name one"
     )
+
+
+def find_cell_datasets(data_dir: Path, depth: int = 2) -> list[tuple[str, Path]]:
+    """Every labelled single-cell dataset of a known layout at or under `data_dir` (up to `depth` folders down), as
+    (reader name, located folder), each folder once, in path order. Generic layouts (a lab's folders) are not
+    guessed at: name them explicitly."""
+    readers = [get_reader(name) for name in READERS.names()]
+    cell_readers = [r for r in readers if r.single_cells and not r.generic]
+    folders, frontier = [data_dir], [data_dir]
+    for _ in range(depth):
+        frontier = [child for folder in frontier for child in sorted(folder.iterdir()) if child.is_dir()]
+        folders.extend(frontier)
+    found: dict[Path, str] = {}
+    for folder in folders:
+        for reader in cell_readers:
+            located = reader.locate(folder)
+            if located is not None:
+                found.setdefault(located.resolve(), reader.name)
+    return sorted(((name, path) for path, name in found.items()), key=lambda item: str(item[1]))

@@ -230,7 +230,8 @@ def explain_images(
         batch = model_inputs(predictor, [image])
         probability = float(predictor.forward(batch, tta=False).softmax(dim=1)[0, 1])
         cam = compute_cams(predictor.model, batch, method=method, target_class=1, layer=layer)[0]
-        display = _display_image(image)
+        # With a cell focus the CAM covers the framed cell: show that frame, so the overlay lines up.
+        display = _display_image(predictor.focus.frame(image).image if predictor.focus.active else image)
         stem = _unique_stem(path, used)
         original, overlay = out_dir / f"{stem}_original.png", out_dir / f"{stem}_{suffix}.png"
         Image.fromarray(display).save(original)

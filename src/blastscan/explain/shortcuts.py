@@ -28,7 +28,8 @@ from blastscan.data.manifest import Manifest
 from blastscan.data.parallel import threaded_map
 from blastscan.evaluation import figures
 from blastscan.explain.localisation import resize_mask
-from blastscan.imaging.segmentation import WORKING_SIZE, segment_cell
+from blastscan.imaging.segmentation import WORKING_SIZE, disk_dilate, segment_cell
+from blastscan.inference import Predictor
 
 __all__ = [
     "CONDITIONS",
@@ -163,7 +164,12 @@ class Segmented:
     features: np.ndarray  # (N, F) background features at 128 px
 
 
-def segment_rows(manifest: Manifest, rows: np.ndarray, size: int, workers: int) -> Segmented:
+def segment_rows(
+    manifest: Manifest, rows: np.ndarray, size: int, workers: int, predictor: Predictor | None = None
+) -> Segmented:
+    """Dilated cell masks at the model's size and background features of `rows`. With a `predictor` whose run has a
+    cell focus, both come from the framed view the model sees (so the masks line up with its inputs and the probe
+    sees the background the model could use); otherwise from the decoded image."""
     paths = manifest.absolute_paths()
 
     def one(row: int) -> tuple[np.ndarray, bool, np.ndarray]:
@@ -171,7 +177,21 @@ def segment_rows(manifest: Manifest, rows: np.ndarray, size: int, workers: int) 
         mask, ok = cell_mask(working, WORKING_SIZE)
         return resize_mask(mask, (size, size)), ok, background_features(working, mask)
 
-    done = threaded_map(one, [int(r) for r in rows], workers=workers)
+    def one_framed(row: int) -> tuple[np.ndarray, bool, np.ndarray]:
+        assert predictor is not None
+        image, cell = predictor.prepare_with_cell_mask(paths[row])
+        working = resize_rgb(image, WORKING_SIZE)
+        if cell is None:
+            return (
+                np.zeros((size, size), dtype=bool),
+                False,
+                background_features(working, np.zeros((WORKING_SIZE, WORKING_SIZE), bool)),
+            )
+        grown = disk_dilate(resize_mask(cell, (WORKING_SIZE, WORKING_SIZE)), DILATE_PX)
+        return resize_mask(grown, (size, size)), True, background_features(working, grown)
+
+    framed = predictor is not None and predictor.focus.active
+    done = threaded_map(one_framed if framed else one, [int(r) for r in rows], workers=workers)
     return Segmented(
         masks=np.stack([d[0] for d in done]) if done else np.zeros((0, size, size), dtype=bool),
         ok=np.array([d[1] for d in done], dtype=bool),

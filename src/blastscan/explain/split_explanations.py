@@ -12,21 +12,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from blastscan.data.images import load_rgb, resize_rgb
 from blastscan.data.manifest import Manifest
-from blastscan.explain.cam import compute_cams, model_inputs, overlay_grid
+from blastscan.explain.cam import compute_cams, overlay_grid
 from blastscan.explain.localisation import localisation_summary
-from blastscan.imaging.segmentation import segment_cell
 from blastscan.inference.torch_backend import TorchPredictor
 
 #: ScoreCAM needs one forward pass per channel: too slow for a whole split on a CPU, so it is not a default.
 DEFAULT_METHODS = ("gradcam", "gradcam++", "eigencam")
-_SEGMENT_SIZE = 128
-
-
-def _images(manifest: Manifest, rows: Sequence[int], size: int = _SEGMENT_SIZE) -> list[np.ndarray]:
-    paths = manifest.absolute_paths()
-    return [resize_rgb(load_rgb(paths[int(r)], min_side=size), size) for r in rows]
 
 
 def localisation_table(
@@ -41,24 +33,25 @@ def localisation_table(
 ) -> pd.DataFrame:
     """Per method and class: mean share of CAM energy inside the segmented cell (nucleus + cytoplasm).
 
-    At most `max_images` images are used (a seeded random sample, so CPU runs stay short); images whose cell
-    cannot be segmented are left out (counted in `n_not_segmented`).
+    CAMs are computed on the images exactly as the model sees them (with its cell focus, if any) and the cell is
+    looked for in that same view. At most `max_images` images are used (a seeded random sample, so CPU runs stay
+    short); images whose cell cannot be segmented are left out (counted in `n_not_segmented`).
     """
     rows, targets = np.asarray(rows), np.asarray(targets)
     if len(rows) > max_images:
         chosen = np.sort(np.random.default_rng(seed).choice(len(rows), max_images, replace=False))
         rows, targets = rows[chosen], targets[chosen]
-    images = _images(manifest, rows)
-    segmentations = [segment_cell(image) for image in images]
-    keep = [i for i, s in enumerate(segmentations) if s.ok]
-    masks = [segmentations[i].cell for i in keep]
+    paths = manifest.absolute_paths()
+    views = [predictor.prepare_with_cell_mask(paths[int(r)]) for r in rows]
+    keep = [i for i, (_, mask) in enumerate(views) if mask is not None]
+    masks = [views[i][1] for i in keep]
     labels = np.asarray(targets)[keep]
     tables = []
     for method in methods:
         cams = []
         for start in range(0, len(keep), batch_size):
-            chunk = [images[i] for i in keep[start : start + batch_size]]
-            cams.append(compute_cams(predictor.model, model_inputs(predictor, chunk), method=method))
+            chunk = np.stack([views[i][0] for i in keep[start : start + batch_size]])
+            cams.append(compute_cams(predictor.model, predictor.to_input(chunk), method=method))
         stacked = np.concatenate(cams) if cams else np.zeros((0, 1, 1))
         tables.append(localisation_summary(stacked, masks, labels, method))
     table = pd.concat(tables, ignore_index=True)
@@ -99,7 +92,8 @@ def confident_cases_gallery(
     per_case: int = 2,
     method: str = "gradcam",
 ) -> Path:
-    """Grad-CAM overlays of the most confident true positives, true negatives, false positives, false negatives."""
+    """Grad-CAM overlays of the most confident true positives, true negatives, false positives, false negatives,
+    on the images as the model saw them (framed on the cell when the run has a cell focus)."""
     called = probability >= threshold
     cases = {
         "true positive": np.flatnonzero(called & (targets == 1)),
@@ -108,11 +102,12 @@ def confident_cases_gallery(
         "false negative": np.flatnonzero(~called & (targets == 1)),
     }
     items = []
+    paths = manifest.absolute_paths()
     for name, found in cases.items():
         # Confidence in the call made: p for positive calls, 1 - p for negative ones.
         confidence = probability[found] if name.endswith("positive") else 1 - probability[found]
         for index in found[np.argsort(-confidence)][:per_case]:
-            image = _images(manifest, [rows[index]], size=160)[0]
-            cam = compute_cams(predictor.model, model_inputs(predictor, [image]), method=method)[0]
+            image = predictor.prepare(paths[int(rows[index])])
+            cam = compute_cams(predictor.model, predictor.to_input(image[None]), method=method)[0]
             items.append((image, cam, f"{name}, p={probability[index]:.2f}"))
     return overlay_grid(items, out, columns=4)

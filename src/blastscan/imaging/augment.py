@@ -84,6 +84,14 @@ class AugmentConfig(BaseModel):
         description="Sigma of StainJitter's per-stain optical-density scale and shift (0 = off); background "
         "(glass, black surround) is left alone.",
     )
+    stain_shift: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="Largest StainJitter shift of each stain's concentration; default: `stain_jitter` (a strong, "
+        "calibrated scale usually wants a small shift).",
+    )
     enabled: bool = Field(True, description="False: no augmentation at all, only scaling and normalisation.")
 
     @model_validator(mode="after")
@@ -92,6 +100,11 @@ class AugmentConfig(BaseModel):
         if not (math.isfinite(low) and math.isfinite(high) and 0.0 < low <= high <= 4.0):
             raise ValueError(f"zoom must be (low, high) with 0 < low <= high <= 4, got {self.zoom}")
         return self
+
+    @property
+    def shift_sigma(self) -> float:
+        """The stain shift actually used: `stain_shift`, or `stain_jitter` when it is not set."""
+        return self.stain_jitter if self.stain_shift is None else self.stain_shift
 
     @property
     def active(self) -> bool:
@@ -189,7 +202,7 @@ class BatchAugment(torch.nn.Module):
         self.register_buffer("_high", (1.0 - mean_t) / std_t, persistent=False)
         self._grid_axes: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         sigma = self.config.stain_jitter
-        self.stain = StainJitter(sigma_alpha=sigma, sigma_beta=sigma) if sigma > 0 else None
+        self.stain = StainJitter(sigma_alpha=sigma, sigma_beta=self.config.shift_sigma) if sigma > 0 else None
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Float [0, 1] batch -> `(x - mean) / std`."""
@@ -262,11 +275,10 @@ class BatchAugment(torch.nn.Module):
 
         brightness = cfg.brightness * (2 * u[:, 5] - 1)
         contrast = 1 + cfg.contrast * (2 * u[:, 6] - 1)  # exactly 1 when contrast is off
-        # Same law as StainJitter.apply_batch: scales U(1 +- sigma) for 2 stains + residual, shifts U(+- sigma)
+        # Same law as StainJitter.apply_batch: scales U(1 +- sigma) for 2 stains + residual, shifts U(+- shift)
         # for the 2 stains only.
-        sigma = cfg.stain_jitter
-        alpha = 1 + sigma * (2 * u[:, 7:10] - 1)
-        beta = F.pad(sigma * (2 * u[:, 10:12] - 1), (0, 1))
+        alpha = 1 + cfg.stain_jitter * (2 * u[:, 7:10] - 1)
+        beta = F.pad(cfg.shift_sigma * (2 * u[:, 10:12] - 1), (0, 1))
 
         flags = torch.stack([transpose, flip_rows, flip_cols], 1).double()
         packed = torch.cat([flags, coef_x, coef_y, brightness[:, None], contrast[:, None], alpha, beta], 1).float()

@@ -40,8 +40,8 @@ MASK_HALO = 2.0
 
 @dataclass(frozen=True)
 class FramedCell:
-    """One image framed on its cell: the (cropped) RGB image, the cell mask at the image's size (None for `crop`
-    or when no cell was found), whether a cell was found, and what was done."""
+    """One image framed on its cell: the (cropped) RGB image, the segmented cell's mask at the image's size (None
+    when no cell was found), whether a cell was found, and what was done."""
 
     image: np.ndarray
     mask: np.ndarray | None
@@ -121,19 +121,23 @@ class CellFocus:
         side = max(8, round(extent * (1 + 2 * self.margin) / factor))
         crop = _square_crop(image, centre, side, border_colour(image))
         note = f"cell {extent / factor:.0f} px across, box {side} px"
-        if self.mode == "crop":
-            return FramedCell(crop, None, True, note)
-        grown = ndi.distance_transform_edt(~seg.cell) <= MASK_HALO
-        full = np.asarray(Image.fromarray(grown).resize((image.shape[1], image.shape[0]), Image.Resampling.NEAREST))
+        full = np.asarray(Image.fromarray(seg.cell).resize((image.shape[1], image.shape[0]), Image.Resampling.NEAREST))
         mask = _square_crop(full[..., None], centre, side, np.zeros(1, dtype=bool))[..., 0]
         return FramedCell(crop, mask, True, note)
 
-    @staticmethod
-    def fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """`image` with every pixel outside `mask` (resized to the image by nearest neighbour) set to NEUTRAL_FILL."""
+    def fill(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """`image` with every pixel farther than MASK_HALO (at the 128-px working size) from the cell `mask` (any
+        size; resized to the image by nearest neighbour) set to NEUTRAL_FILL."""
         h, w = image.shape[:2]
-        if mask.shape != (h, w):
-            mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
+        mask = resize_cell_mask(mask, (h, w))
+        grown = ndi.distance_transform_edt(~mask) <= MASK_HALO * min(h, w) / WORKING_SIZE
         out = image.copy()
-        out[~mask] = NEUTRAL_FILL
+        out[~grown] = NEUTRAL_FILL
         return out
+
+
+def resize_cell_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask resized to (H, W) by nearest neighbour."""
+    if mask.shape == tuple(shape):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.Resampling.NEAREST))

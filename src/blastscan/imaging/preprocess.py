@@ -26,7 +26,8 @@ from blastscan.data.cache import ImageCache
 from blastscan.data.images import load_resized, load_rgb, resize_rgb
 from blastscan.data.manifest import Manifest
 from blastscan.errors import DatasetError
-from blastscan.imaging.cell_focus import CellFocus
+from blastscan.imaging.cell_focus import CellFocus, resize_cell_mask
+from blastscan.imaging.segmentation import WORKING_SIZE, segment_cell
 
 #: With a cell focus, files are decoded with at least this many times the model's side (the crop is then cut at
 #: that resolution and resized down, so framing loses no detail).
@@ -56,22 +57,33 @@ def as_rgb_array(image: np.ndarray | Image.Image, name: str = "image") -> np.nda
     return np.ascontiguousarray(array[..., :3])
 
 
-def prepare_image_and_flag(
-    source: ImageSource, size: int, stain: StainNormalizer | None = None, focus: CellFocus | None = None
-) -> tuple[np.ndarray, bool]:
-    """`prepare_image`'s image and whether its cell focus found a cell (always True without a focus)."""
+def _prepare_framed(
+    source: ImageSource, size: int, stain: StainNormalizer | None, focus: CellFocus
+) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """With an active focus: the prepared image, its cell mask at (size, size) (None when no cell was found), and
+    whether one was found. Crop at full resolution, resize, normalise the stain, then blank the background."""
     from_file = isinstance(source, str | Path)
-    if focus is None or not focus.active:
-        image = load_resized(source, size) if from_file else resize_rgb(as_rgb_array(source), size)
-        return (stain.normalize(image) if stain is not None else image), True
     full = load_rgb(source, min_side=FOCUS_DECODE_FACTOR * size) if from_file else as_rgb_array(source)
     framed = focus.frame(full)
     image = resize_rgb(framed.image, size)
     if stain is not None:
         image = stain.normalize(image)
-    if framed.mask is not None:
-        image = focus.fill(image, framed.mask)
-    return image, framed.ok
+    mask = None if framed.mask is None else resize_cell_mask(framed.mask, (size, size))
+    if focus.mode == "mask" and mask is not None:
+        image = focus.fill(image, mask)
+    return image, mask, framed.ok
+
+
+def prepare_image_and_flag(
+    source: ImageSource, size: int, stain: StainNormalizer | None = None, focus: CellFocus | None = None
+) -> tuple[np.ndarray, bool]:
+    """`prepare_image`'s image and whether its cell focus found a cell (always True without a focus)."""
+    if focus is not None and focus.active:
+        image, _, ok = _prepare_framed(source, size, stain, focus)
+        return image, ok
+    from_file = isinstance(source, str | Path)
+    image = load_resized(source, size) if from_file else resize_rgb(as_rgb_array(source), size)
+    return (stain.normalize(image) if stain is not None else image), True
 
 
 def prepare_image(
@@ -80,6 +92,21 @@ def prepare_image(
     """`source` as the model sees it before normalisation: (size, size, 3) uint8, framed on its cell if `focus`,
     stain-normalised if `stain`."""
     return prepare_image_and_flag(source, size, stain, focus)[0]
+
+
+def prepare_with_cell_mask(
+    source: ImageSource, size: int, stain: StainNormalizer | None = None, focus: CellFocus | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`prepare_image`'s image and the segmented cell's mask aligned with it ((size, size) bool; None when no cell
+    was found): where explanations and the shortcut audit look for the cell in what the model saw. Without a focus
+    the cell is segmented on the decoded image at the segmentation's working size."""
+    if focus is not None and focus.active:
+        image, mask, _ = _prepare_framed(source, size, stain, focus)
+        return image, mask
+    from_file = isinstance(source, str | Path)
+    raw = load_rgb(source, min_side=WORKING_SIZE) if from_file else as_rgb_array(source)
+    seg = segment_cell(resize_rgb(raw, WORKING_SIZE))
+    return prepare_image(source, size, stain), resize_cell_mask(seg.cell, (size, size)) if seg.ok else None
 
 
 def prepared_cache(

@@ -541,6 +541,14 @@ class StainJitter:
             raise ConfigError("StainJitter stain_matrix rows are (nearly) parallel; give two distinct stain vectors")
         self.basis_inv = np.linalg.inv(self.basis)
 
+    def concentrations(self, image: np.ndarray) -> np.ndarray | None:
+        """(n, 3) concentrations of an (H, W, 3) uint8 image's stained pixels along this jitter's two stains and
+        their residual (what `apply` scales and shifts); None when the image has too little stain."""
+        analysis = _Analysis(_check_image(image))
+        if not analysis.enough:
+            return None
+        return analysis.od[analysis.foreground] @ self.basis_inv
+
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One draw: alpha (3,) for the two stains and the residual, beta (3,) with the residual's shift 0."""
         alpha = rng.uniform(1.0 - self.sigma_alpha, 1.0 + self.sigma_alpha, size=3)

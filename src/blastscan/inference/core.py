@@ -26,7 +26,12 @@ from blastscan.data.cache import ImageCache
 from blastscan.data.manifest import Manifest
 from blastscan.errors import BlastscanError, ConfigError, DatasetError
 from blastscan.imaging.cell_focus import CellFocus
-from blastscan.imaging.preprocess import ImageSource, prepare_image_and_flag, prepared_cache
+from blastscan.imaging.preprocess import (
+    ImageSource,
+    prepare_image_and_flag,
+    prepare_with_cell_mask,
+    prepared_cache,
+)
 from blastscan.imaging.stain import stain_method_from_dict
 from blastscan.registry import Registry
 from blastscan.runs import FOR_INFERENCE, ExportFolder, RunFolder
@@ -195,6 +200,10 @@ class Predictor(ABC):
     def prepare_and_flag(self, source: ImageSource) -> tuple[np.ndarray, bool]:
         """`prepare(source)` and whether the cell focus found a cell (True without a focus)."""
         return prepare_image_and_flag(source, self.image_size, self.stain, self.focus)
+
+    def prepare_with_cell_mask(self, source: ImageSource) -> tuple[np.ndarray, np.ndarray | None]:
+        """`prepare(source)` and the cell's (S, S) mask in it (None when no cell was found)."""
+        return prepare_with_cell_mask(source, self.image_size, self.stain, self.focus)
 
     def image_cache(self, manifest: Manifest, cache_dir: str | Path | None = None, workers: int = 2) -> ImageCache:
         """The (built) image cache of `manifest`'s images prepared for this network: its size, framing, stain."""

@@ -1,4 +1,5 @@
-"""Experiments made of several runs: K-fold cross-validation, cross-dataset transfer, and run comparison.
+"""Experiments made of several runs: K-fold cross-validation and run comparison (`transfer` has its own module),
+and the helpers they share.
 
 Each trains through `workflows.train.train` and scores through `evaluate_run`, so every number comes from the same
 code as a single run; finished folds and pairs are reused when a command is re-run, so an interrupted
@@ -8,7 +9,6 @@ experiment picks up where it stopped.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +38,8 @@ KEY_METRICS = (
     "sensitivity_at_95_specificity",
 )
 
-#: Stain handling variants for `transfer`: what changes in the config.
-STAIN_VARIANTS: dict[str, dict[str, Any]] = {
-    "plain": {"data.stain_normalization": "none", "augment.stain_jitter": 0.0},
-    "stain-jitter": {"data.stain_normalization": "none", "augment.stain_jitter": 0.1},
-    "reinhard": {"data.stain_normalization": "reinhard", "augment.stain_jitter": 0.0},
-}
 
-
-def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
+def with_changes(config: TrainConfig, **changes: Any) -> TrainConfig:
     """A copy of `config` with dotted keys changed (e.g. data__splits=...)."""
     tree = config.model_dump(mode="json")
     for dotted, value in changes.items():
@@ -58,7 +51,8 @@ def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
     return TrainConfig.model_validate(tree)
 
 
-def _train_once(config: TrainConfig, log: Callable[[str], None]) -> Path:
+def train_once(config: TrainConfig, log: Callable[[str], None]) -> Path:
+    """Train `config`'s run unless its weights exist (then reuse it); resume from its last checkpoint if any."""
     run = RunFolder(Path(config.runs_dir) / config.name)
     run_dir = run.path
     if run.weights_path.is_file():
@@ -70,7 +64,8 @@ def _train_once(config: TrainConfig, log: Callable[[str], None]) -> Path:
     return run_dir
 
 
-def _row(metrics: dict[str, Any], **labels: Any) -> dict[str, Any]:
+def metrics_row(metrics: dict[str, Any], **labels: Any) -> dict[str, Any]:
+    """`labels` and the KEY_METRICS of a metrics.json, each with its CI as text."""
     row: dict[str, Any] = dict(labels)
     for key in KEY_METRICS:
         value = metrics.get(key)
@@ -106,10 +101,12 @@ def crossval(
         table = assignment.table.assign(split=split)
         metadata = {**assignment.metadata, "crossval_fold": k, "folds": folds}
         splits_path = write_splits(SplitResult(table, metadata, assignment.warnings), out_dir / f"splits-fold{k}.csv")
-        fold_config = _with(config, name=f"fold{k}", runs_dir=str(out_dir), data__splits=str(splits_path))
-        run_dir = _train_once(fold_config, log)
+        fold_config = with_changes(config, name=f"fold{k}", runs_dir=str(out_dir), data__splits=str(splits_path))
+        run_dir = train_once(fold_config, log)
         metrics = evaluate_run(run_dir, split="test", n_boot=n_boot, device=device).metrics
-        rows.append(_row(metrics, fold=k, n_images=metrics.get("n_images"), n_patients=metrics.get("n_patients")))
+        rows.append(
+            metrics_row(metrics, fold=k, n_images=metrics.get("n_images"), n_patients=metrics.get("n_patients"))
+        )
         log(f"fold {k}: AUROC {metrics.get('roc_auc')}")
     table = pd.DataFrame(rows)
     summary = pd.DataFrame(
@@ -130,62 +127,6 @@ def crossval(
     return CrossvalResult(out_dir, table, summary)
 
 
-def _slug(root: str) -> str:
-    name = Path(root).name or "data"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower()
-
-
-@dataclass
-class TransferResult:
-    out_dir: Path
-    table: pd.DataFrame
-
-
-def transfer(
-    config: TrainConfig,
-    train_roots: Sequence[str],
-    test_roots: Sequence[str],
-    variants: Sequence[str] = ("plain",),
-    n_boot: int = 1000,
-    log: Callable[[str], None] = lambda _: None,
-    device: str = "auto",
-) -> TransferResult:
-    """Train on each of `train_roots` and score on its own test split and on every one of `test_roots`."""
-    unknown = sorted(set(variants) - set(STAIN_VARIANTS))
-    if unknown:
-        raise ConfigError(f"unknown stain variant(s) {unknown}; choose from {', '.join(STAIN_VARIANTS)}")
-    out_dir = Path(config.runs_dir) / f"{config.name}-transfer"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for variant in variants:
-        for train_root in train_roots:
-            changes = {k.replace(".", "__"): v for k, v in STAIN_VARIANTS[variant].items()}
-            run_config = _with(
-                config, name=f"{_slug(train_root)}-{variant}", runs_dir=str(out_dir), data__root=train_root, **changes
-            )
-            run_dir = _train_once(run_config, log)
-            for test_root in [train_root, *[t for t in test_roots if t != train_root]]:
-                own = test_root == train_root
-                metrics = evaluate_run(run_dir, data=None if own else test_root, n_boot=n_boot, device=device).metrics
-                rows.append(
-                    _row(metrics, variant=variant, train=_slug(train_root), test=_slug(test_root), external=not own)
-                )
-                log(f"{variant}: {_slug(train_root)} -> {_slug(test_root)}: AUROC {metrics.get('roc_auc')}")
-    table = pd.DataFrame(rows)
-    table.to_csv(out_dir / "transfer.csv", index=False)
-    lines = []
-    for variant, block in table.groupby("variant", sort=False):
-        for metric in ("roc_auc", "f1"):
-            matrix = block.pivot(index="train", columns="test", values=metric)
-            figures.plot_transfer_heatmap(
-                matrix, out_dir / f"transfer_{variant}_{metric}.png", title=f"{metric} ({variant}): train -> test"
-            )
-            lines.append(f"### {metric}, {variant} (rows: trained on; columns: tested on)\n")
-            lines.append(_markdown_matrix(matrix) + "\n")
-    (out_dir / "transfer.md").write_text("\n".join(lines))
-    return TransferResult(out_dir, table)
-
-
 def compare(run_dirs: Sequence[str | Path], evaluation: str | None = None) -> pd.DataFrame:
     """One row per run and evaluation folder (`eval/<dataset>-<split>`) with the key metrics and their CIs."""
     rows = []
@@ -197,7 +138,7 @@ def compare(run_dirs: Sequence[str | Path], evaluation: str | None = None) -> pd
             raise ConfigError(f"{run_dir}: no evaluation found; run `blastscan evaluate {run_dir}` first")
         for path in found:
             metrics = json.loads(path.read_text())
-            rows.append(_row(metrics, run=run_dir.name, evaluation=path.parent.name))
+            rows.append(metrics_row(metrics, run=run_dir.name, evaluation=path.parent.name))
     return pd.DataFrame(rows)
 
 
@@ -211,7 +152,8 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _markdown_matrix(matrix: pd.DataFrame) -> str:
+def markdown_matrix(matrix: pd.DataFrame) -> str:
+    """A train x test matrix as a markdown table (3 decimals, blanks for missing pairs)."""
     lines = ["| | " + " | ".join(map(str, matrix.columns)) + " |", "|---|" + "---|" * len(matrix.columns)]
     for name, row in matrix.iterrows():
         lines.append(f"| {name} | " + " | ".join("" if pd.isna(v) else f"{v:.3f}" for v in row) + " |")

@@ -72,7 +72,7 @@ def shortcut_audit(
     size = predictor.image_size
     cache = predictor.image_cache(manifest, config.data.cache_dir)
     say(f"segmenting {sum(len(r) for r in rows.values())} images")
-    segmented = {name: segment_rows(manifest, chosen, size, workers) for name, chosen in rows.items()}
+    segmented = {name: segment_rows(manifest, chosen, size, workers, predictor) for name, chosen in rows.items()}
 
     # The neutral colour that replaces the background: the median glass colour of the training images, so the
     # cell-only view carries no per-image glass colour.

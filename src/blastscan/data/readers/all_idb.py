@@ -61,6 +61,7 @@ class AllIdb2Reader(DatasetReader):
     """ALL-IDB2: 260 single-cell crops `ImXXX_Y.tif`; Y says whether the centre cell is a blast."""
 
     name = "all-idb2"
+    single_cells = True
     description = "ALL-IDB2 crops ImXXX_Y.tif (in ROOT or ROOT/img)"
 
     def locate(self, root: Path) -> Path | None:

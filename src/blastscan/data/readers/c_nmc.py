@@ -68,6 +68,7 @@ class CnmcReader(DatasetReader):
     """C-NMC 2019 training folds, or the renamed preliminary-test set with its labels CSV."""
 
     name = "c-nmc"
+    single_cells = True
     description = (
         "C-NMC 2019 fold_*/{all,hem}/UID_*.bmp, N.bmp + a labels CSV, or UID_<subject>_<image>_<cell>_<all|hem> "
         "cells in any folders (BMP, PNG, JPEG, TIFF)"

@@ -58,6 +58,7 @@ class DeepAplReader(DatasetReader):
     """
 
     name = "deepapl"
+    single_cells = True
     description = "DeepAPL Data/master.csv + Data/All/Patient_NN/.../Signed slides/<cell type>/*.jpg"
 
     def locate(self, root: Path) -> Path | None:
