@@ -6,8 +6,8 @@ is erased). `data.cell_focus` takes that away:
 * ``crop``: a square box centred on the segmented cell, its side the cell's larger extent times
   ``1 + 2 * margin`` (so the cell fills the same share of every input, whatever the magnification), padded with the
   image's own border colour where the box leaves the image;
-* ``mask``: the same box, and every pixel farther than `MASK_HALO` from the cell set to `NEUTRAL_FILL` - glass, red
-  cells, neighbours and C-NMC's black surround all become one neutral background.
+* ``mask``: the same box, and every pixel that is not the cell (or a stained pixel of its rim, within `MASK_HALO`)
+  set to `NEUTRAL_FILL` - glass, red cells, neighbours and C-NMC's black surround all become one neutral background.
 
 The cell is found by `blastscan.imaging.segmentation.segment_cell` at its working size; the box and mask are mapped
 back to the image's own resolution, so cropping loses no detail. When segmentation fails the image is passed on
@@ -26,15 +26,18 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from blastscan.imaging.segmentation import WORKING_SIZE, segment_cell
+from blastscan.imaging.stain import foreground_mask
 
 #: The values of `data.cell_focus`.
 CellFocusMode = Literal["none", "crop", "mask"]
 CELL_FOCUS_MODES: tuple[str, ...] = get_args(CellFocusMode)
 #: Box side = the cell's larger extent x (1 + 2 x margin).
 DEFAULT_MARGIN = 0.25
+#: Bump when framing or masking changes the pixels it gives: image caches are keyed on it.
+FOCUS_VERSION = 2
 #: The background colour of `mask` inputs: mid grey, near the ImageNet mean, so the network sees ~0 there.
 NEUTRAL_FILL = (128, 128, 128)
-#: The mask keeps this many pixels (at the 128-px working size) around the segmented cell: its membrane and halo.
+#: The mask also keeps stained pixels this close (pixels at the 128-px working size) to the segmented cell: its rim.
 MASK_HALO = 2.0
 
 
@@ -47,6 +50,8 @@ class FramedCell:
     mask: np.ndarray | None
     ok: bool
     note: str
+    #: The segmented cell's bounding box (x0, y0, x1, y1) in the input image's pixels; None when none was found.
+    cell_box: tuple[float, float, float, float] | None = None
 
 
 def _working_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -97,7 +102,13 @@ class CellFocus:
 
     def to_dict(self) -> dict[str, object]:
         """What model.json and preprocessing.json record (and the image cache keys on)."""
-        return {"mode": self.mode, "margin": self.margin, "fill": list(NEUTRAL_FILL), "halo": MASK_HALO}
+        return {
+            "mode": self.mode,
+            "margin": self.margin,
+            "fill": list(NEUTRAL_FILL),
+            "halo": MASK_HALO,
+            "version": FOCUS_VERSION,
+        }
 
     @classmethod
     def from_dict(cls, state: dict[str, object] | None) -> CellFocus:
@@ -123,16 +134,20 @@ class CellFocus:
         note = f"cell {extent / factor:.0f} px across, box {side} px"
         full = np.asarray(Image.fromarray(seg.cell).resize((image.shape[1], image.shape[0]), Image.Resampling.NEAREST))
         mask = _square_crop(full[..., None], centre, side, np.zeros(1, dtype=bool))[..., 0]
-        return FramedCell(crop, mask, True, note)
+        cell_box = (cols.min() / factor, rows.min() / factor, (cols.max() + 1) / factor, (rows.max() + 1) / factor)
+        return FramedCell(crop, mask, True, note, tuple(float(v) for v in cell_box))  # type: ignore[arg-type]
 
     def fill(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """`image` with every pixel farther than MASK_HALO (at the 128-px working size) from the cell `mask` (any
-        size; resized to the image by nearest neighbour) set to NEUTRAL_FILL."""
+        """`image` with everything but the cell set to NEUTRAL_FILL. Kept: the cell `mask` (any size; resized to
+        the image by nearest neighbour) and the stained pixels within MASK_HALO (at the 128-px working size) of it,
+        its membrane; glass, red cells and black surround around it all go, so no rim of the slide's background
+        colour is left to tell one laboratory from another."""
         h, w = image.shape[:2]
         mask = resize_cell_mask(mask, (h, w))
         grown = ndi.distance_transform_edt(~mask) <= MASK_HALO * min(h, w) / WORKING_SIZE
+        keep = mask | (grown & foreground_mask(image))
         out = image.copy()
-        out[~grown] = NEUTRAL_FILL
+        out[~keep] = NEUTRAL_FILL
         return out
 
 

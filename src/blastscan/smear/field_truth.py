@@ -21,6 +21,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from blastscan.errors import DatasetError
+from blastscan.imaging.cell_focus import CellFocus
 from blastscan.imaging.segmentation import disk_dilate, nucleus_cue
 from blastscan.smear import find
 
@@ -97,3 +98,54 @@ def bccd_wbc_boxes(boxes_json: list[dict] | None) -> np.ndarray:
     """(N, 4) x0, y0, x1, y1 of the `WBC` boxes of one BCCD annotation (as the BCCD reader stores them)."""
     boxes = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in boxes_json or [] if b["name"] == "WBC"]
     return np.asarray(boxes, dtype=float).reshape(-1, 4)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def framing_against_boxes(field: np.ndarray, boxes: np.ndarray, focus: CellFocus, context: float = 2.0) -> list[dict]:
+    """How well `focus` finds annotated leukocytes: per (x0, y0, x1, y1) box, a square of `context` times the box's
+    larger side is cut around it (as a single-cell crop would be) and framed; the record holds whether a cell was
+    found and the IoU of the segmented cell's box with the annotated one (0 when none was found)."""
+    records = []
+    for x0, y0, x1, y1 in boxes:
+        side = round(max(x1 - x0, y1 - y0) * context)
+        crop, left, top = _cut(field, round((x0 + x1) / 2 - side / 2), round((y0 + y1) / 2 - side / 2), side)
+        framed = focus.frame(crop)
+        truth = (x0 - left, y0 - top, x1 - left, y1 - top)
+        iou = box_iou(framed.cell_box, truth) if framed.cell_box is not None else 0.0
+        records.append({"found": bool(framed.ok), "iou": iou, "note": "" if framed.ok else framed.note})
+    return records
+
+
+def framing_against_marks(field: np.ndarray, marks: np.ndarray, focus: CellFocus, side: int = 257) -> list[dict]:
+    """Per (x, y) cell centroid: a `side`-px crop centred on it (as ALL-IDB2's crops were cut) is framed; the record
+    holds whether a cell was found, the distance from the mark to the segmented cell's box centre, and whether the
+    mark lies inside that box."""
+    records = []
+    for x, y in marks:
+        crop, left, top = _cut(field, round(x - side / 2), round(y - side / 2), side)
+        framed = focus.frame(crop)
+        if framed.cell_box is None:
+            records.append({"found": False, "distance": float("nan"), "inside": False, "note": framed.note})
+            continue
+        bx0, by0, bx1, by1 = framed.cell_box
+        mx, my = x - left, y - top
+        distance = float(np.hypot((bx0 + bx1) / 2 - mx, (by0 + by1) / 2 - my))
+        records.append({"found": True, "distance": distance, "inside": bool(bx0 <= mx <= bx1 and by0 <= my <= by1),
+                        "note": ""})  # fmt: skip
+    return records
+
+
+def _cut(field: np.ndarray, left: int, top: int, side: int) -> tuple[np.ndarray, int, int]:
+    """A side x side crop of `field` at (left, top), clipped where the field ends (as ALL-IDB2's crops are), and
+    the field position of its top-left pixel."""
+    h, w = field.shape[:2]
+    left, top, right, bottom = max(left, 0), max(top, 0), min(left + side, w), min(top + side, h)
+    return field[top:bottom, left:right], left, top
