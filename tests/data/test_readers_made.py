@@ -224,3 +224,16 @@ def test_not_a_manifest(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text("path,label\n")
     with pytest.raises(DatasetError, match="not a blastscan manifest"):
         read_manifest(tmp_path / "x.csv")
+
+
+def test_find_cell_datasets_finds_cnmc_in_each_layout_and_skips_other_folders(tmp_path: Path) -> None:
+    from blastscan.data.registry import find_cell_datasets
+
+    make_cnmc_training(tmp_path / "challenge")
+    for seed, stem in enumerate(CNMC_CELLS):
+        write_image(tmp_path / "copies" / "cnmc_png" / f"{stem}.png", seed=seed, size=(45, 45))
+    for label in ("leukemic", "normal"):  # a lab's folders: generic, never guessed at
+        write_image(tmp_path / "lab" / label / "cell.png")
+    found = find_cell_datasets(tmp_path)
+    assert [name for name, _ in found] == ["c-nmc", "c-nmc"]
+    assert {path.name for _, path in found} == {"C-NMC_training_data", "cnmc_png"}

@@ -105,8 +105,8 @@ def detect_format(root: Path) -> tuple[DatasetReader, Path]:
 
 def find_cell_datasets(data_dir: Path, depth: int = 2) -> list[tuple[str, Path]]:
     """Every labelled single-cell dataset of a known layout at or under `data_dir` (up to `depth` folders down), as
-    (reader name, located folder), each folder once, in path order. Generic layouts (a lab's folders) are not
-    guessed at: name them explicitly."""
+    (reader name, located folder), each once (the deepest folder where it is found), in path order. Generic layouts
+    (a lab's folders) are not guessed at: name them explicitly."""
     readers = [get_reader(name) for name in READERS.names()]
     cell_readers = [r for r in readers if r.single_cells and not r.generic]
     folders, frontier = [data_dir], [data_dir]
@@ -119,4 +119,7 @@ def find_cell_datasets(data_dir: Path, depth: int = 2) -> list[tuple[str, Path]]
             located = reader.locate(folder)
             if located is not None:
                 found.setdefault(located.resolve(), reader.name)
-    return sorted(((name, path) for path, name in found.items()), key=lambda item: str(item[1]))
+    # A layout that reads files at any depth (C-NMC) is also "found" at every folder above a copy of it: keep the
+    # most specific folder, so one dataset is not counted again from its parents.
+    specific = {path: name for path, name in found.items() if not any(path in other.parents for other in found)}
+    return sorted(((name, path) for path, name in specific.items()), key=lambda item: str(item[1]))

@@ -14,6 +14,7 @@ spread of a set of Giemsa datasets to size the augmentation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -135,6 +136,6 @@ def stain_spread(
         per_dataset={name: _summary(ms) for name, ms in per_dataset.items()},
         pooled_levels=[float(v) for v in pooled],
         ratio_range=(low, high),
-        sigma=round(sigma, 3),
+        sigma=min(MAX_SIGMA, math.ceil(sigma * 1000) / 1000),  # rounded up: it must still cover the range
         coverage=coverage,
     )
