@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,16 @@ def test_baselines_command(allidb2_dir: Path, tmp_path: Path) -> None:
     assert "Random forest" in result.stdout or "random_forest" in result.stdout
     for name in ("baselines.md", "baselines.csv", "baselines_bar.png", "segmentation.png"):
         assert (tmp_path / "bl" / name).is_file(), name
+
+
+def test_transfer_looks_for_datasets_and_says_when_there_are_too_few(allidb2_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "ALL_IDB2").symlink_to(allidb2_dir)
+    config = Path(__file__).resolve().parent.parent / "configs" / "transfer_efficientnet_lite0.yaml"
+    result = subprocess.run(
+        [*BLASTSCAN, "transfer", "--config", str(config), "--set", f"runs_dir={tmp_path / 'runs'}"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "BLASTSCAN_DATA": str(tmp_path / "data")},
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    said = result.stdout + result.stderr
+    assert "(all-idb2)" in said and "transfer needs at least two labelled cell datasets" in said

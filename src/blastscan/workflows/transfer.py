@@ -86,14 +86,12 @@ class _Dataset:
 
 
 def _datasets(roots: Sequence[str | Path]) -> list[_Dataset]:
-    roots = [DataConfig(root=str(r)).resolved_root() for r in roots]
-    if len(roots) < 2:
-        raise ConfigError(
-            "transfer needs at least two labelled cell datasets (found or given: "
-            f"{', '.join(map(str, roots)) or 'none'})"
-        )
-    manifests = [load_or_scan(root) for root in roots]
-    return [_Dataset(name, root) for name, root in zip(source_names(manifests), roots, strict=True)]
+    paths = [DataConfig(root=str(r)).resolved_root() for r in roots]
+    if len(paths) < 2:
+        found = ", ".join(map(str, paths)) or "none"
+        raise ConfigError(f"transfer needs at least two labelled cell datasets (found or given: {found})")
+    manifests = [load_or_scan(path) for path in paths]
+    return [_Dataset(name, path) for name, path in zip(source_names(manifests), paths, strict=True)]
 
 
 def measure_spread(datasets: Sequence[_Dataset], per_dataset: int = SPREAD_IMAGES, seed: int = 0) -> StainSpread:
