@@ -106,7 +106,8 @@ def _score(
     return Scored(rows, targets, plain, patients), Scored(rows, targets, averaged, patients)
 
 
-def _dataset_name(manifest: Manifest) -> str:
+def dataset_name(manifest: Manifest) -> str:
+    """The name evaluation folders carry: the manifest's one dataset, or its format when it holds several."""
     names = manifest.table["dataset"].astype(str).unique()
     return str(names[0]) if len(names) == 1 else manifest.format
 
@@ -145,11 +146,11 @@ def evaluate_run(
 
     if data is None:
         manifest, rows = own, run.rows(split, own)
-        dataset, split_name = _dataset_name(own), split
+        dataset, split_name = dataset_name(own), split
     else:
         manifest = load_or_scan(DataConfig(root=str(data)).resolved_root())
         rows = np.arange(len(manifest))
-        dataset, split_name = _dataset_name(manifest), "all"
+        dataset, split_name = dataset_name(manifest), "all"
     with clock("scoring"):
         cache = own_cache if manifest is own else predictor.image_cache(manifest, cache_dir)
         scored, scored_tta = _score(predictor, manifest, cache, rows, positive, tta)

@@ -16,6 +16,7 @@ Finished runs and evaluations are reused when the command is run again, so an in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from blastscan.evaluation import figures
 from blastscan.imaging.stain_spread import StainSpread, stain_spread
 from blastscan.runs import RunFolder, write_json
 from blastscan.training.config import DataConfig, TrainConfig
-from blastscan.workflows.evaluate import evaluate_run
+from blastscan.workflows.evaluate import dataset_name, evaluate_run
 from blastscan.workflows.experiments import markdown_matrix, metrics_row, train_once, with_changes
 from blastscan.workflows.shortcuts import shortcut_audit
 
@@ -177,6 +178,7 @@ def transfer(
                     run_dir = train_once(run_config, log)
                 schemes.append(("leave-one-out", "+".join(d.name for d in others), run_dir, [held]))
         checked: dict[Path, dict[str, Any]] = {}
+        scored: dict[tuple[Path, str], dict[str, Any]] = {}
         for scheme, trained_on, run_dir, external in schemes:
             if run_dir not in checked:
                 checked[run_dir] = _check_model(run_dir, variant, trained_on, audit, n_boot, explain_images, device)
@@ -185,10 +187,16 @@ def transfer(
                 rows.append(metrics_row(own, variant=variant, scheme=scheme, train=trained_on, test=trained_on,
                                         external=False))  # fmt: skip
             for dataset in external:
-                metrics = evaluate_run(run_dir, data=dataset.root, n_boot=n_boot, explain=False, device=device).metrics
+                key = (run_dir, dataset.name)  # a leave-one-out model may be a single-source one already scored
+                if key not in scored:
+                    scored[key] = (
+                        _finished(RunFolder(run_dir).eval_dir(dataset.name, "all"))
+                        or evaluate_run(run_dir, data=dataset.root, n_boot=n_boot, explain=False, device=device).metrics
+                    )
+                metrics = scored[key]
                 rows.append(metrics_row(metrics, variant=variant, scheme=scheme, train=trained_on, test=dataset.name,
                                         external=True))  # fmt: skip
-                log(f"{variant} [{scheme}] {trained_on} -> {dataset.name}: AUROC {metrics.get('roc_auc'):.3f}")
+                log(f"{variant} ({scheme}) {trained_on} -> {dataset.name}: AUROC {metrics.get('roc_auc'):.3f}")
     table = pd.DataFrame(rows).drop_duplicates(subset=["variant", "scheme", "train", "test"])
     model_table = pd.DataFrame([{k: v for k, v in m.items() if k != "own_metrics"} for m in models])
     table.to_csv(out_dir / "transfer.csv", index=False)
@@ -202,8 +210,11 @@ def _check_model(
     run_dir: Path, variant: str, trained_on: str, audit: bool, n_boot: int, explain_images: int, device: str
 ) -> dict[str, Any]:
     """One model's own-test metrics (with the CAM-in-cell share) and its shortcut audit."""
-    own = evaluate_run(run_dir, n_boot=n_boot, explain=explain_images > 0, explain_images=explain_images,
-                       device=device).metrics  # fmt: skip
+    run = RunFolder(run_dir)
+    own = _finished(run.eval_dir(dataset_name(run.manifest()), "test"), need_localisation=explain_images > 0)
+    if own is None:
+        own = evaluate_run(run_dir, n_boot=n_boot, explain=explain_images > 0, explain_images=explain_images,
+                           device=device).metrics  # fmt: skip
     record: dict[str, Any] = {
         "variant": variant,
         "train": trained_on,
@@ -213,15 +224,29 @@ def _check_model(
         "own_metrics": own,
     }
     if audit:
-        report = shortcut_audit(run_dir, n_boot=n_boot, device=device)
-        for condition, metrics in report.conditions.items():
+        found = _finished(run.shortcuts_dir("test"), "shortcuts.json")
+        if found is None:
+            report = shortcut_audit(run_dir, n_boot=n_boot, device=device)
+            found = {"conditions": report.conditions, "n_unsegmented": report.n_unsegmented}
+        for condition, metrics in found["conditions"].items():
             record[f"{condition}_roc_auc"] = metrics["roc_auc"]
             low, high = (metrics.get("ci") or {}).get("roc_auc") or (None, None)
             record[f"{condition}_roc_auc_ci"] = "" if low is None else f"{low:.3f}-{high:.3f}"
-        record["unsegmented"] = report.n_unsegmented
-    focus_notes = [n for n in RunFolder(run_dir).audit().notes if n.startswith("cell focus")]
+        record["unsegmented"] = found["n_unsegmented"]
+    focus_notes = [n for n in run.audit().notes if n.startswith("cell focus")]
     record["cell_focus_note"] = focus_notes[0] if focus_notes else ""
     return record
+
+
+def _finished(folder: Path, name: str = "metrics.json", need_localisation: bool = False) -> dict[str, Any] | None:
+    """The results a finished evaluation or audit left in `folder` (newer than the run's weights, so they are this
+    model's), or None: an interrupted matrix then redoes only what is missing."""
+    path = folder / name
+    weights = RunFolder(folder.parent.parent).weights_path
+    if not path.is_file() or not weights.is_file() or path.stat().st_mtime < weights.stat().st_mtime:
+        return None
+    found = json.loads(path.read_text())
+    return None if need_localisation and not found.get("localisation") else found
 
 
 def _write_figures(out_dir: Path, table: pd.DataFrame) -> None:
