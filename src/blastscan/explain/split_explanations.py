@@ -12,9 +12,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from blastscan.data.images import load_rgb, resize_rgb
 from blastscan.data.manifest import Manifest
 from blastscan.explain.cam import compute_cams, overlay_grid
 from blastscan.explain.localisation import localisation_summary
+from blastscan.imaging.segmentation import WORKING_SIZE, segment_cell
 from blastscan.inference.torch_backend import TorchPredictor
 
 #: ScoreCAM needs one forward pass per channel: too slow for a whole split on a CPU, so it is not a default.
@@ -42,7 +44,14 @@ def localisation_table(
         chosen = np.sort(np.random.default_rng(seed).choice(len(rows), max_images, replace=False))
         rows, targets = rows[chosen], targets[chosen]
     paths = manifest.absolute_paths()
-    views = [predictor.prepare_with_cell_mask(paths[int(r)]) for r in rows]
+    if predictor.focus.active:
+        views = [predictor.prepare_with_cell_mask(paths[int(r)]) for r in rows]
+    else:
+        # The image at the segmentation's working size, segmented there and fed to the network from there (as
+        # since the first release, so earlier reports' shares stay comparable).
+        images = [resize_rgb(load_rgb(paths[int(r)], min_side=WORKING_SIZE), WORKING_SIZE) for r in rows]
+        segmented = [segment_cell(image) for image in images]
+        views = [(predictor.prepare(im), s.cell if s.ok else None) for im, s in zip(images, segmented, strict=True)]
     keep = [i for i, (_, mask) in enumerate(views) if mask is not None]
     masks = [views[i][1] for i in keep]
     labels = np.asarray(targets)[keep]
