@@ -273,6 +273,31 @@ def _cell(record: dict[str, Any], key: str) -> str:
     return f"{value:.3f} ({ci})" if ci else f"{value:.3f}"
 
 
+def summary_markdown(table: pd.DataFrame, models: pd.DataFrame) -> str:
+    """One row per variant: each single-source model's AUROC on its own test split and on every other dataset,
+    its AUROC with the cell removed and its Grad-CAM energy in the cell."""
+    single = table[table["scheme"] == "single"]
+    names = list(dict.fromkeys(single["train"]))
+    pairs = [(a, b) for a in names for b in names if a != b]
+    header = (
+        [f"{n} own test" for n in names]
+        + [f"{a} -> {b}" for a, b in pairs]
+        + [f"{n}: cell removed" for n in names]
+        + [f"{n}: CAM in cell" for n in names]
+    )
+    lines = ["| variant | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for variant, block in single.groupby("variant", sort=False):
+        by = {(r["train"], r["test"]): r for r in block.to_dict(orient="records")}
+        checks = {r["train"]: r for r in models[models["variant"] == variant].to_dict(orient="records")}
+        cells = [f"{by[(n, n)]['roc_auc']:.3f}" if (n, n) in by else "" for n in names]
+        cells += [_cell(by[p], "roc_auc") if p in by else "" for p in pairs]
+        cells += [_cell(checks.get(n, {}), "cell_removed_roc_auc").split(" (")[0] for n in names]
+        cam = [checks.get(n, {}).get("cam_in_cell") for n in names]
+        cells += ["" if c is None or np.isnan(c) else f"{c:.0%}" for c in cam]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def transfer_markdown(
     table: pd.DataFrame, models: pd.DataFrame, spread: StainSpread | None, datasets: Sequence[_Dataset]
 ) -> str:
@@ -284,6 +309,7 @@ def transfer_markdown(
         "the test set names them, else over images.",
         "",
     ]
+    lines += ["## Summary (AUROC; external pairs with 95% CI)", "", summary_markdown(table, models), ""]
     loo = table[(table["scheme"] == "leave-one-out") & table["external"]]
     columns = ("roc_auc", "recall", "specificity", "sensitivity_at_95_specificity")
     header = "| variant | trained on | tested on (left out) | AUROC | sensitivity | specificity | sens. at 95% spec. |"
