@@ -22,6 +22,9 @@ TIMINGS = ("seconds",)
 #: float32 summation order: the ImageNet EfficientNet-Lite0 embeddings move by ~1e-6 relative, and two hybrid
 #: classifiers' thresholds by up to 3e-6. Every metric still agrees to TOLERANCE.
 SCORE_FIELDS, SCORE_TOLERANCE = ("threshold",), 1e-5
+#: explanations.csv holds probabilities to 6 decimals, so a change far below TOLERANCE can still move the last digit
+#: by one: measured on this machine, the reference commit itself gives 0.464404 for 0.464405 under heavy CPU load.
+ROUNDED_FIELDS, ROUNDED_TOLERANCE = ("explain.",), 1e-6 + 1e-9
 
 
 def _flatten(value, prefix=""):
@@ -36,6 +39,8 @@ def _flatten(value, prefix=""):
 
 
 def _tolerance(key: str) -> float:
+    if key.startswith(ROUNDED_FIELDS):
+        return ROUNDED_TOLERANCE
     return SCORE_TOLERANCE if key.startswith("baselines.") and any(f in key for f in SCORE_FIELDS) else TOLERANCE
 
 
