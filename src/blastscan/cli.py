@@ -485,6 +485,13 @@ def predict(
             highlight=False,
             soft_wrap=True,
         )
+    if result.no_cell:
+        err_console.print(
+            f"[bold yellow]warning:[/] no cell found to frame in {result.no_cell} image(s): scored whole, flagged "
+            "cell_found = 0 in the CSV; review them by eye",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"wrote {result.out}: {result.scored} images, {result.positive} called positive at threshold "
         f"{result.threshold:.4f} (chosen on the run's validation split); {result.images_per_second:.1f} img/s",

@@ -43,6 +43,8 @@ class PredictResult:
     seconds: float
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped_file: Path | None = None
+    #: With a cell focus: images in which no cell was found (scored whole; `cell_found` 0 in the CSV).
+    no_cell: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -140,7 +142,7 @@ def predict(
     focus = predictor.focus.active
     partial = out.with_name(out.name + ".part")
     failures: list[tuple[str, str]] = []
-    scored = positive = 0
+    scored = positive = no_cell = 0
     with partial.open("w", newline="") as handle:
         handle.write(PREDICTIONS_MAGIC + json.dumps(header) + "\n")
         writer = csv.writer(handle)
@@ -156,6 +158,7 @@ def predict(
             failures.extend((str(source), reason) for source, reason in batch.failures)
             scored += len(batch.sources)
             positive += int(np.count_nonzero(calls))
+            no_cell += int(np.count_nonzero(~batch.cell_found)) if focus else 0
             if progress is not None:
                 progress(len(batch.sources) + len(batch.failures))
     skipped_file = None
@@ -170,7 +173,8 @@ def predict(
             f"none of the {len(failures)} images could be read (first: {failures[0][1]}); see {skipped_file}"
         )
     partial.replace(out)
-    return PredictResult(out, scored, positive, threshold, time.perf_counter() - started, failures, skipped_file)
+    seconds = time.perf_counter() - started
+    return PredictResult(out, scored, positive, threshold, seconds, failures, skipped_file, no_cell)
 
 
 def read_predictions(path: str | Path) -> tuple[dict, pd.DataFrame]:
