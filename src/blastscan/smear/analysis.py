@@ -59,6 +59,7 @@ CELL_COLUMNS = (
     "call",
     "touches_border",
     "detection_score",
+    "cell_found",
 )
 
 #: Times a named stage: `with clock("find"): ...`. Callers that measure where the time goes (benchmarks) pass one.
@@ -123,6 +124,8 @@ class ScoredCell:
     blast: bool
     touches_border: bool
     detection_score: float
+    #: False when the model's cell focus found no cell in the crop and scored it whole (always True without one).
+    cell_found: bool = True
 
     def row(self) -> dict[str, Any]:
         """The cells.csv row (keys: CELL_COLUMNS, in order)."""
@@ -141,6 +144,7 @@ class ScoredCell:
             "call": "blast" if self.blast else "other",
             "touches_border": self.touches_border,
             "detection_score": round(self.detection_score, 4),
+            "cell_found": self.cell_found,
         }
 
 
@@ -229,17 +233,19 @@ class FieldAnalyzer:
         self.smear_threshold = float(smear_threshold)
         self.red_cell_diameter = red_cell_diameter
 
-    def prepared_crops(self, image: np.ndarray, finding: FieldFinding) -> np.ndarray:
-        """(N, S, S, 3) uint8 network inputs of the found cells, framed like the training images."""
+    def prepared_crops(self, image: np.ndarray, finding: FieldFinding) -> tuple[np.ndarray, np.ndarray]:
+        """(N, S, S, 3) uint8 network inputs of the found cells, framed like the training images, and (N,) whether
+        the model's cell focus found the cell in each (all True without a focus)."""
         size = self.predictor.image_size
         if not finding.cells:
-            return np.zeros((0, size, size, 3), dtype=np.uint8)
+            return np.zeros((0, size, size, 3), dtype=np.uint8), np.zeros(0, dtype=bool)
         crops = crop_cells(
             image,
             [c.centroid for c in finding.cells],
             [self.framing.crop_side(c.diameter) for c in finding.cells],
         )
-        return np.stack([self.predictor.prepare(crop) for crop in crops])
+        prepared = [self.predictor.prepare_and_flag(crop) for crop in crops]
+        return np.stack([p[0] for p in prepared]), np.array([p[1] for p in prepared], dtype=bool)
 
     def score(self, crops: np.ndarray) -> np.ndarray:
         """(N,) blast probabilities of (N, S, S, 3) prepared crops: batches of SCORE_BATCH, the rest padded to a
@@ -262,7 +268,7 @@ class FieldAnalyzer:
         with clock("find"):
             finding = find_leukocytes(image, self.red_cell_diameter)
         with clock("crop"):
-            crops = self.prepared_crops(image, finding)
+            crops, found = self.prepared_crops(image, finding)
         with clock("score"):
             probabilities = self.score(crops)
         with clock("count"):
@@ -278,8 +284,9 @@ class FieldAnalyzer:
                     blast=bool(p >= self.cell_threshold),
                     touches_border=c.touches_border,
                     detection_score=c.score,
+                    cell_found=bool(ok),
                 )
-                for i, (c, p) in enumerate(zip(finding.cells, probabilities, strict=True))
+                for i, (c, p, ok) in enumerate(zip(finding.cells, probabilities, found, strict=True))
             )
             smear = SmearCall.of(cells, self.smear_threshold)
         return FieldAnalysis(
