@@ -45,7 +45,10 @@ def as_triples(found: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[i
 
 
 def flip(value: int, bits: np.ndarray) -> int:
-    return value ^ sum(1 << int(b) for b in bits)
+    """`value` with each listed bit toggled (a bit listed twice is toggled back)."""
+    for bit in bits:
+        value ^= 1 << int(bit)
+    return value
 
 
 def hashes_with_planted_pairs(threshold: int, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
