@@ -88,6 +88,10 @@ BackendOption = Annotated[
 ]
 #: `--int8` on the commands that take an exported model folder.
 Int8Option = Annotated[bool, typer.Option("--int8", help="Use the export folder's model.int8.onnx.")]
+SiteOption = Annotated[
+    str | None,
+    typer.Option(help="A site profile (`blastscan calibrate --site NAME`): its threshold and temperature instead."),
+]
 
 
 @contextmanager
@@ -256,6 +260,65 @@ def evaluate(
     stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in result.seconds.items())
     console.print(f"time: {stages}", highlight=False)
     console.print(f"wrote {result.out_dir} (metrics.json, predictions.csv, figures, report.html)", highlight=False)
+
+
+@command(app)
+def calibrate(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
+    data: Annotated[Path, typer.Option(help="Labelled cells from the new site (dataset folder, lab CSV, manifest).")],
+    site: Annotated[str, typer.Option(help="The site profile's name (what predict/analyze/serve --site take).")],
+    target_specificity: Annotated[float, typer.Option(help="The specificity the site threshold must reach.")] = 0.95,
+    sample_size: Annotated[
+        int | None,
+        typer.Option(help="Draw this many cells from DATA as the sample and judge the profile on the rest."),
+    ] = None,
+    method: Annotated[str, typer.Option(help="Threshold fit: gaussian (smooth, for few cells) or empirical.")] = (
+        "gaussian"
+    ),
+    repeats: Annotated[int, typer.Option(help="With --sample-size: draw the sample this many times (seeds).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the first sample draw.")] = 0,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    device: DeviceOption = "auto",
+) -> None:
+    """Refit a run's threshold and temperature on a small labelled sample from a new site; store it as a site
+    profile (the run's own stays) and report how far the operating point moved."""
+    from blastscan.workflows.calibrate import calibrate_site
+
+    with console.status("scoring the site's cells"):
+        result = calibrate_site(
+            run, data, site, target_specificity=target_specificity, sample_size=sample_size, method=method,
+            repeats=repeats, seed=seed, n_boot=bootstrap, device=device,
+        )  # fmt: skip
+    console.print(result.markdown_path.read_text(), highlight=False, markup=False)
+    console.print(f"wrote {result.profile_path} (use it with --site {site}) and {result.report_path}", highlight=False)
+
+
+@command(app, "evaluate-ood")
+def evaluate_ood(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `blastscan train`.")],
+    in_data: Annotated[
+        Path | None, typer.Option("--in", help="In-domain images (default: the run's own test split).")
+    ] = None,
+    out_data: Annotated[
+        list[Path] | None,
+        typer.Option("--out", help="Other datasets (default: every other labelled cell dataset in BLASTSCAN_DATA)."),
+    ] = None,
+    synthetic: Annotated[int, typer.Option(help="Synthetic cells to add as an out-of-distribution set.")] = 200,
+    photographs: Annotated[int, typer.Option(help="Non-cell photograph crops to add (scikit-image's).")] = 200,
+    max_images: Annotated[int, typer.Option(help="At most this many images per dataset (a seeded sample).")] = 2000,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    device: DeviceOption = "auto",
+) -> None:
+    """Measure the out-of-distribution flag (AUROC of in-domain vs other datasets, synthetic cells, photographs,
+    per method) and abstention (accuracy vs coverage); writes RUN/eval/ood/."""
+    from blastscan.workflows.evaluate_ood import evaluate_ood as run_evaluate_ood
+
+    result = run_evaluate_ood(
+        run, in_data=in_data, out_data=out_data or None, synthetic=synthetic, photographs=photographs,
+        max_images=max_images, n_boot=bootstrap, device=device, progress=say,
+    )  # fmt: skip
+    console.print((result.out_dir / "ood.md").read_text(), highlight=False, markup=False)
+    console.print(f"wrote {result.out_dir} (ood.json, ood.md, ood_scores.png, selective_prediction.png)")
 
 
 def print_metrics(metrics: dict, title: str) -> None:
@@ -459,9 +522,19 @@ def predict(
     workers: Annotated[int, typer.Option(help="Image-decoding threads.")] = 2,
     backend: BackendOption = "auto",
     int8: Int8Option = False,
+    site: SiteOption = None,
+    review_band: Annotated[
+        float,
+        typer.Option(
+            help="Call `review` instead of 1/0 when the probability is this close to the threshold (0: never)."
+        ),
+    ] = 0.0,
+    review_ood: Annotated[
+        bool, typer.Option(help="Call `review` for images flagged out of distribution (unlike the training cells).")
+    ] = False,
 ) -> None:
-    """Score images with a trained run or exported model: path, probability and call (at the validation-chosen
-    threshold)."""
+    """Score images with a trained run or exported model: path, probability, call (at the validation-chosen
+    threshold, or `review`) and the out-of-distribution flag."""
     from blastscan.workflows.predict import count_sources
     from blastscan.workflows.predict import predict as run_predict
 
@@ -473,7 +546,8 @@ def predict(
         task = bar.add_task("scoring", total=total)
         result = run_predict(
             run, inputs, out, device=device, batch_size=batch_size, tta=tta, workers=workers,
-            progress=lambda n: bar.advance(task, n), backend=backend, int8=int8,
+            progress=lambda n: bar.advance(task, n), backend=backend, int8=int8, site=site,
+            review_band=review_band, review_ood=review_ood,
         )  # fmt: skip
     for path, reason in result.failures[:20]:
         err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
@@ -492,9 +566,21 @@ def predict(
             highlight=False,
             soft_wrap=True,
         )
+    if result.out_of_distribution:
+        err_console.print(
+            f"[bold yellow]warning:[/] {result.out_of_distribution} of {result.scored} image(s) look unlike the "
+            "training cells (out_of_distribution = 1): their probabilities may be wrong; review them, or calibrate "
+            "the model for this site (`blastscan calibrate`)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif result.ood_note:
+        err_console.print(f"[yellow]note:[/] {result.ood_note}", highlight=False, soft_wrap=True)
+    chosen = f"site profile {site}" if site else "the run's validation split"
+    review = f", {result.review} to review" if result.review else ""
     console.print(
-        f"wrote {result.out}: {result.scored} images, {result.positive} called positive at threshold "
-        f"{result.threshold:.4f} (chosen on the run's validation split); {result.images_per_second:.1f} img/s",
+        f"wrote {result.out}: {result.scored} images, {result.positive} called positive{review} at threshold "
+        f"{result.threshold:.4f} (chosen on {chosen}); {result.images_per_second:.1f} img/s",
         highlight=False,
     )
 
@@ -520,6 +606,7 @@ def analyze(
     ] = None,
     backend: BackendOption = "auto",
     int8: Int8Option = False,
+    site: SiteOption = None,
 ) -> None:
     """Find every leukocyte in smear fields, score each, count blasts and call each smear."""
     from blastscan.workflows.analyze import analyze as run_analyze
@@ -529,7 +616,7 @@ def analyze(
     with progress_bar("analysing fields", total) as advance:
         result = run_analyze(
             run, fields, out, device=device, cell_threshold=cell_threshold, smear_threshold=smear_threshold,
-            red_cell_diameter=red_cell_diameter, progress=advance, backend=backend, int8=int8,
+            red_cell_diameter=red_cell_diameter, progress=advance, backend=backend, int8=int8, site=site,
         )  # fmt: skip
     for path, reason in result.failures:
         err_console.print(f"[yellow]not analysed[/] {path}: {reason}", highlight=False, soft_wrap=True)
@@ -601,6 +688,7 @@ def serve(
     device: DeviceOption = "auto",
     backend: BackendOption = "auto",
     int8: Int8Option = False,
+    site: SiteOption = None,
 ) -> None:
     """Serve a model over HTTP: the web page at /, the API under /v1 (documented at /docs), /healthz."""
     from blastscan.deploy.service import ServiceLimits
@@ -611,7 +699,7 @@ def serve(
         max_upload_bytes=size, max_file_bytes=size, max_image_pixels=max_image_pixels, max_files=max_files
     )
     console.print(f"serving {model} on http://{host}:{port} (page at /, API docs at /docs)", highlight=False)
-    run_service(model, host, port, limits, device=device, backend=backend, int8=int8)
+    run_service(model, host, port, limits, device=device, backend=backend, int8=int8, site=site)
 
 
 @command(app, "evaluate-fields")

@@ -13,7 +13,9 @@ runs/<name>/
   training_curves.png, augmentations.png
   eval/<dataset>-<split>/  one folder per evaluation; eval/shortcuts-<split>/ the shortcut audit
   baselines/             `blastscan baselines --cnn RUN --out RUN/baselines`, picked up by the report
-  onnx/model-<sha>.onnx  the ONNX export of best.safetensors (keyed by its SHA-256), made on first CPU use
+  onnx/model-<sha>-f.onnx  the ONNX export of best.safetensors (keyed by its SHA-256), made on first CPU use
+  ood.safetensors        the in-distribution profile: training features' class means and precision, flag thresholds
+  sites/<name>.json      site profiles (`blastscan calibrate`): threshold and temperature refitted on a site's sample
 
 `ExportFolder` is the same for the folder `blastscan export` writes (model.onnx, model.int8.onnx,
 preprocessing.json, MODEL_CARD.md, parity.json). This module imports no torch (the slim deployment install reads
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -70,6 +73,15 @@ def write_json(path: str | Path, value: Any) -> Path:
     return path
 
 
+def check_site_name(site: str) -> str:
+    """`site` when it is a usable site-profile name (letters, digits, `-`, `_`, `.`; not starting with `.`)."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", str(site)):
+        raise ConfigError(
+            f"site name {site!r}: use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    return str(site)
+
+
 def file_sha256(path: str | Path) -> str:
     """The hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
@@ -100,6 +112,8 @@ class RunFolder:
     EVAL = "eval"
     BASELINES = "baselines"
     ONNX_CACHE = "onnx"
+    OOD_PROFILE = "ood.safetensors"
+    SITES = "sites"
 
     _FILES: ClassVar[dict[str, str]] = {
         "config": CONFIG,
@@ -188,7 +202,40 @@ class RunFolder:
 
     def onnx_cache_path(self) -> Path:
         """Where the ONNX export of the current best.safetensors is cached (a retrained run gets a new file)."""
-        return self.path / self.ONNX_CACHE / f"model-{self.weights_sha256()[:16]}.onnx"
+        # "-f": the export with the `features` output; files cached before it had one are simply not reused.
+        return self.path / self.ONNX_CACHE / f"model-{self.weights_sha256()[:16]}-f.onnx"
+
+    @property
+    def ood_profile_path(self) -> Path:
+        """The in-distribution profile (`blastscan.inference.ood.OodProfile`), fitted on the training split."""
+        return self.path / self.OOD_PROFILE
+
+    @property
+    def sites_dir(self) -> Path:
+        return self.path / self.SITES
+
+    def site_path(self, site: str) -> Path:
+        """Where `blastscan calibrate --site NAME` keeps the site profile NAME."""
+        return self.sites_dir / f"{check_site_name(site)}.json"
+
+    def site_profile(self, site: str) -> dict[str, Any]:
+        """The stored site profile NAME (threshold and temperature refitted on that site's labelled sample)."""
+        path = self.site_path(site)
+        if not path.is_file():
+            known = sorted(p.stem for p in self.sites_dir.glob("*.json"))
+            raise ConfigError(
+                f"{self.path}: no site profile {site!r} (known: {', '.join(known) or 'none'}); make it with "
+                f"`blastscan calibrate {self.path} --data SAMPLE --site {site}`"
+            )
+        return self._read_json(path)
+
+    def site_profiles(self) -> dict[str, dict[str, Any]]:
+        """Every stored site profile, by name."""
+        return {path.stem: self._read_json(path) for path in sorted(self.sites_dir.glob("*.json"))}
+
+    def write_site_profile(self, site: str, profile: dict[str, Any]) -> Path:
+        """Store a site profile (the run's own operating points stay as they are)."""
+        return write_json(self.site_path(site), profile)
 
     @property
     def metrics_path(self) -> Path:
@@ -375,6 +422,7 @@ class ExportFolder:
                          classes, the validation-chosen threshold, the cell framing for whole fields
     MODEL_CARD.md        the human-readable card (intended use, data, figures, limits)
     parity.json          the measured agreement of the ONNX models with the torch model
+    ood.safetensors      the run's in-distribution profile (the out-of-distribution flag)
     """
 
     MODEL = "model.onnx"
@@ -382,6 +430,7 @@ class ExportFolder:
     PREPROCESSING = "preprocessing.json"
     MODEL_CARD = "MODEL_CARD.md"
     PARITY = "parity.json"
+    OOD_PROFILE = "ood.safetensors"
     #: What preprocessing.json declares itself to be; a reader refuses another format.
     FORMAT = "blastscan-onnx/1"
 
@@ -443,6 +492,11 @@ class ExportFolder:
     @property
     def parity_path(self) -> Path:
         return self.path / self.PARITY
+
+    @property
+    def ood_profile_path(self) -> Path:
+        """The run's in-distribution profile, copied beside the model (absent in exports made before it)."""
+        return self.path / self.OOD_PROFILE
 
     def model_file(self, int8: bool = False) -> Path:
         """model.onnx, or model.int8.onnx with `int8` (ConfigError when it was not exported)."""

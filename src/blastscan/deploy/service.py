@@ -107,6 +107,10 @@ class _SerialPredictor:
         with self._lock:
             return self._predictor.predict(images, *args, **kwargs)
 
+    def score_prepared_batch(self, images: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._predictor.score_prepared_batch(images, *args, **kwargs)
+
 
 def _serving(analyzer: FieldAnalyzer) -> FieldAnalyzer:
     """The caller's analyzer with its network behind `_SerialPredictor` (a shallow copy: the caller's is unchanged)."""
@@ -342,10 +346,16 @@ def create_app(analyzer: FieldAnalyzer, card: dict[str, Any], limits: ServiceLim
             for name, upload in zip(names, files, strict=True)
         ]
         # The analyzer's fixed-size batches: one input shape whatever the number of crops keeps memory flat.
-        probabilities = serving.score(np.stack(prepared))
+        probabilities, ood_scores, flags = serving.score_with_flags(np.stack(prepared))
         return [
-            {"filename": name, "probability": float(p), "call": "blast" if p >= serving.cell_threshold else "other"}
-            for name, p in zip(names, probabilities, strict=True)
+            {
+                "filename": name,
+                "probability": float(p),
+                "call": "blast" if p >= serving.cell_threshold else "other",
+                "ood_score": None if np.isnan(score) else round(float(score), 4),
+                "out_of_distribution": bool(flag),
+            }
+            for name, p, score, flag in zip(names, probabilities, ood_scores, flags, strict=True)
         ]
 
     @app.post(

@@ -438,3 +438,48 @@ def image_gallery(items: list[dict[str, Any]], out: str | Path, columns: int = 4
     for ax in axes[len(items) :]:
         ax.set_axis_off()
     return _save(fig, out)
+
+
+def plot_ood_scores(groups: dict[str, np.ndarray], out: str | Path, threshold: float | None, method: str) -> Path:
+    """Histograms of an in-distribution score per image set (the first set is the in-domain one), with the flag
+    threshold; a log scale when the scores span decades."""
+    kept = {name: np.asarray(v, dtype=float)[np.isfinite(v)] for name, v in groups.items()}
+    kept = {name: v for name, v in kept.items() if len(v)}
+    if not kept:
+        return _placeholder(out, f"{method} scores", "no finite scores to plot")
+    everything = np.concatenate(list(kept.values()))
+    log = everything.min() > 0 and everything.max() / max(everything.min(), 1e-12) > 100
+    edges = (
+        np.geomspace(everything.min(), everything.max(), 50)
+        if log
+        else np.linspace(everything.min(), everything.max(), 50)
+    )
+    fig = Figure(figsize=(7.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for name, values in kept.items():
+        ax.hist(values, bins=edges, histtype="step", linewidth=1.6, density=True, label=f"{name} ({len(values)})")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="flag threshold")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{method} score (higher = less like the training cells)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=GRID_ALPHA)
+    return _save(fig, out)
+
+
+def plot_selective_accuracy(curves: dict[str, list[dict[str, float]]], out: str | Path) -> Path:
+    """Accuracy vs coverage (selective prediction), one line per image set and abstention rule."""
+    if not curves:
+        return _placeholder(out, "Selective prediction", "no labelled images to draw the curve")
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for name, rows in curves.items():
+        ax.plot([r["coverage"] for r in rows], [r["accuracy"] for r in rows], marker="o", markersize=3, label=name)
+    ax.invert_xaxis()
+    ax.set_xlabel("coverage (share of images answered)")
+    ax.set_ylabel("accuracy on the answered images")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=GRID_ALPHA)
+    return _save(fig, out)

@@ -16,7 +16,7 @@ counterpart, kept only to show how much an operating point chosen on validation 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from blastscan.errors import BlastscanError, ConfigError
@@ -609,3 +610,86 @@ def patient_level_metrics(table: pd.DataFrame, threshold_fraction: float | None 
     metrics = binary_metrics(labels, predicted, threshold)
     del metrics["n_images"]
     return {"available": True, "threshold_fraction": threshold, "n_patients": n, **metrics, **agreement}
+
+
+# -------------------------------------------------------------------------------------- flags and abstention
+
+
+def score_auroc_with_ci(
+    inlier_scores: ArrayLike, outlier_scores: ArrayLike, n_boot: int = 1000, seed: int | None = 0
+) -> dict[str, Any]:
+    """AUROC of a score separating outliers (label 1) from inliers (label 0), higher = more outlying, with a
+    percentile bootstrap CI over images. Scores are ranked first (AUROC only sees the order), so any real-valued
+    score works; NaN scores are an error."""
+    inliers = np.asarray(inlier_scores, dtype=np.float64)
+    outliers = np.asarray(outlier_scores, dtype=np.float64)
+    scores = np.concatenate([inliers, outliers])
+    if len(inliers) == 0 or len(outliers) == 0 or np.isnan(scores).any():
+        return {
+            "auroc": float("nan"),
+            "ci95": [float("nan"), float("nan")],
+            "n_in": len(inliers),
+            "n_out": len(outliers),
+        }
+    y = np.concatenate([np.zeros(len(inliers)), np.ones(len(outliers))])
+    ranks = rankdata(scores) / len(scores)
+    ci = bootstrap_ci(y, ranks, _auroc_or_nan, n_boot=n_boot, seed=seed)
+    return {
+        "auroc": float(roc_auc_score(y, ranks)),
+        "ci95": [ci.low, ci.high],
+        "n_in": len(inliers),
+        "n_out": len(outliers),
+    }
+
+
+def _auroc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+#: The coverages selective-prediction curves are read at: the share of images the model still answers.
+COVERAGES = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
+
+
+def selective_accuracy(
+    correct: ArrayLike, uncertainty: ArrayLike, coverages: Sequence[float] = COVERAGES
+) -> list[dict[str, float]]:
+    """Accuracy on the most certain images at each coverage: abstain on the (1 - coverage) share with the highest
+    `uncertainty` (ties broken by position, so the result is deterministic)."""
+    right = np.asarray(correct, dtype=bool)
+    order = np.argsort(np.asarray(uncertainty, dtype=np.float64), kind="stable")
+    rows = []
+    for coverage in coverages:
+        kept = max(1, round(float(coverage) * len(right))) if len(right) else 0
+        accuracy = float(right[order[:kept]].mean()) if kept else float("nan")
+        rows.append({"coverage": float(coverage), "accuracy": accuracy, "n_answered": kept})
+    return rows
+
+
+def abstention_gain_with_ci(
+    correct: ArrayLike,
+    uncertainty: ArrayLike,
+    coverage: float = 0.9,
+    groups: ArrayLike | None = None,
+    n_boot: int = 1000,
+    seed: int | None = 0,
+) -> dict[str, Any]:
+    """Accuracy at `coverage` minus accuracy at full coverage, with a percentile bootstrap CI (over patients when
+    `groups` are given): how much abstaining on the least certain images helps on the rest."""
+    right = np.asarray(correct, dtype=bool)
+    uncertain = np.asarray(uncertainty, dtype=np.float64)
+
+    def gain(rows: np.ndarray) -> float:
+        curve = selective_accuracy(right[rows], uncertain[rows], (1.0, coverage))
+        return curve[1]["accuracy"] - curve[0]["accuracy"]
+
+    codes, n_groups, unit = _codes_or_images(groups, len(right))
+    index = np.arange(len(right))
+    values = np.array(
+        [
+            gain(np.repeat(index, weights))
+            for block in _resample_weights(codes, n_groups, n_boot, seed)
+            for weights in block
+        ]
+    )
+    low, high = _percentile_interval(values, 0.95)
+    return {"coverage": float(coverage), "gain": gain(index), "ci95": [low, high], "unit": unit}

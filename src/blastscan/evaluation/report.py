@@ -168,10 +168,30 @@ class ReportContent(BaseModel):
     patient_rule: str | None = None
     patient_table: list[dict[str, Any]] | None = None
     tta_metrics: dict[str, Any] | None = None
+    #: The out-of-distribution flag on the scored images (`evaluate`'s metrics["out_of_distribution"]).
+    out_of_distribution: dict[str, Any] | None = None
     figures: list[tuple[str, FilePath]] = []
     error_gallery: FilePath | None = None
     error_gallery_caption: str = "The test images the model got wrong with the highest confidence."
     model_card: ModelCard
+
+
+def _ood_rows(ood: dict[str, Any] | None) -> list[tuple[str, str]] | None:
+    """The out-of-distribution flag's key-value rows, or None when the run has no in-distribution profile."""
+    if not ood:
+        return None
+    if ood.get("note"):
+        return [("Out-of-distribution flag", str(ood["note"]))]
+    rows = [
+        ("Score", str(ood["method"])),
+        ("Flag threshold", f"{format_number(ood['threshold'])} ({format_number(ood['percentile'], 0)}th percentile "
+         "of validation scores)"),
+        ("Images flagged", f"{ood['n_flagged']} of {ood['n_images']} ({100 * ood['flagged_share']:.1f}%)"),
+    ]  # fmt: skip
+    if ood.get("accuracy_unflagged") is not None:
+        rows.append(("Accuracy: flagged / not flagged", f"{format_number(ood.get('accuracy_flagged'))} / "
+                     f"{format_number(ood['accuracy_unflagged'])}"))  # fmt: skip
+    return rows
 
 
 def format_number(value: Any, digits: int = 3) -> str:
@@ -485,6 +505,7 @@ def _view(content: ReportContent) -> dict[str, Any]:
         "evaluated_on": run.evaluated_on,
         "operating": operating,
         "calibration": calibration,
+        "ood_rows": _ood_rows(content.out_of_distribution),
         "patient_metrics": _metric_rows(content.patient_metrics) if content.patient_metrics else None,
         "patient_rule": content.patient_rule,
         "patient_columns": patient_columns,

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +33,7 @@ from blastscan.imaging.preprocess import (
     prepared_cache,
 )
 from blastscan.imaging.stain import stain_method_from_dict
+from blastscan.inference.ood import OodProfile
 from blastscan.registry import Registry
 from blastscan.runs import FOR_INFERENCE, ExportFolder, RunFolder
 
@@ -95,26 +96,47 @@ class InputSpec:
 
 @dataclass
 class ScoredBatch:
-    """One streamed batch: the sources that were read with their logits, and those that could not be read."""
+    """One streamed batch: the sources that were read with their logits, and those that could not be read.
+
+    `probabilities` are calibrated by the predictor's `temperature` (1: as the network gives them)."""
 
     sources: list[Any]
     logits: np.ndarray
     failures: list[tuple[Any, str]] = field(default_factory=list)
     #: Per source read: whether the model's cell focus found a cell to frame (all True without a focus).
     cell_found: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: Per source read: the in-distribution score (`blastscan.inference.ood`; NaN when the model has no profile).
+    ood_score: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: Per source read: True where `ood_score` is above the profile's validation-chosen threshold.
+    out_of_distribution: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: With TTA: the standard deviation of the class-1 probability over the 8 views (NaN without TTA).
+    tta_spread: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    temperature: float = 1.0
 
     @property
     def probabilities(self) -> np.ndarray:
-        """Class-1 probabilities of `logits`."""
-        return probabilities(self.logits)
+        """Class-1 probabilities of `logits`, temperature-scaled."""
+        return probabilities(self.logits, self.temperature)
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
-    """Class-1 probabilities from (N, 2) logits (softmax in float64)."""
-    z = np.asarray(logits, dtype=np.float64)
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class-1 probabilities from (N, 2) logits divided by `temperature` (softmax in float64)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e[:, 1] / e.sum(axis=1)
+
+
+def calibrated_threshold(threshold: float, temperature: float) -> float:
+    """The threshold on temperature-scaled probabilities that makes the same calls as `threshold` on raw ones.
+
+    With two classes p = sigmoid((z1 - z0) / T), so a cut at margin m = logit(threshold) is a cut at sigmoid(m / T)
+    once scaled: temperature scaling changes the probabilities a user reads, never a call."""
+    t = float(threshold)
+    if t <= 0.0 or t >= 1.0 or float(temperature) == 1.0:
+        return t
+    margin = np.log(t) - np.log1p(-t)
+    return float(1.0 / (1.0 + np.exp(-margin / float(temperature))))
 
 
 def dihedral_arrays(images: np.ndarray) -> list[np.ndarray]:
@@ -163,6 +185,10 @@ class Predictor(ABC):
         self.workers = max(1, int(workers))
         self.stain = stain_method_from_dict(spec.stain_state) if spec.stain_state is not None else None
         self.focus = CellFocus.from_dict(spec.cell_focus)
+        #: The in-distribution profile `stream` scores every image with (None: no score; see `ood`).
+        self.ood: OodProfile | None = None
+        #: The calibration temperature `stream` and `predict` scale probabilities by (fitted on validation).
+        self.temperature = 1.0
 
     @classmethod
     def from_run(
@@ -214,13 +240,22 @@ class Predictor(ABC):
     # ------------------------------------------------------------------------------------------- the network
 
     @abstractmethod
+    def outputs_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, 2) float32 logits and (n, D) pooled penultimate features (None when the network does not expose
+        them) of one batch of (n, S, S, 3) prepared uint8 images (n <= batch_size)."""
+
     def logits_of_batch(self, images: np.ndarray) -> np.ndarray:
-        """(n, 2) float32 logits of one batch of (n, S, S, 3) prepared uint8 images (n <= batch_size)."""
+        """(n, 2) float32 logits of one batch of prepared uint8 images."""
+        return self.outputs_of_batch(images)[0]
+
+    def dihedral_logits_of_batch(self, images: np.ndarray) -> np.ndarray:
+        """(8, n, 2) logits of the 8 dihedral views of one prepared batch; the first view is the batch itself."""
+        return np.stack([self.logits_of_batch(view) for view in dihedral_arrays(images)])
 
     def plain_and_tta_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(plain, TTA) logits of one prepared batch: TTA is the mean logit over the 8 dihedral views, and the
         first view is the batch itself."""
-        views = np.stack([self.logits_of_batch(view) for view in dihedral_arrays(images)])
+        views = self.dihedral_logits_of_batch(images)
         return views[0], views.mean(axis=0)
 
     def _batch_logits(self, images: np.ndarray, tta: bool | None) -> np.ndarray:
@@ -238,7 +273,7 @@ class Predictor(ABC):
 
     def predict_prepared(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
         """(N,) class-1 probabilities of prepared images."""
-        return probabilities(self.logits_prepared(images, tta))
+        return probabilities(self.logits_prepared(images, tta), self.temperature)
 
     def _row_batches(self, cache: ImageCache, rows: np.ndarray) -> Iterator[np.ndarray]:
         """Prepared uint8 batches of cache rows `rows`, read from the memory map one batch at a time."""
@@ -260,9 +295,37 @@ class Predictor(ABC):
             tta.append(mean)
         return np.concatenate(plain), np.concatenate(tta)
 
+    def outputs_of_rows(self, cache: ImageCache, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 2) plain logits and (N, D) pooled features (or None) of cache rows `rows`, one batch at a time."""
+        logits, features = [_empty_logits()], []
+        for batch in self._row_batches(cache, rows):
+            batch_logits, batch_features = self.outputs_of_batch(batch)
+            logits.append(batch_logits)
+            if batch_features is not None:
+                features.append(batch_features)
+        return np.concatenate(logits), (np.concatenate(features) if features else None)
+
+    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, flags) of plain logits and features by the predictor's in-distribution profile; NaN scores and
+        no flags when it has none."""
+        if self.ood is None:
+            return np.full(len(logits), np.nan), np.zeros(len(logits), dtype=bool)
+        scores = self.ood.scores(features, logits)
+        return scores, self.ood.flags(scores)
+
     def embed(self, images: Iterable[ImageSource]) -> np.ndarray:
-        """(N, D) pooled penultimate features; only the torch backend has them."""
-        raise ConfigError(f"the {self.backend} backend gives no pooled features; open the run with backend='torch'")
+        """(N, D) pooled penultimate features of images (paths, arrays or PIL images)."""
+        outputs = []
+        for _, prepared, failures, _ in self.prepared_batches(images):
+            raise_failures(failures)
+            features = self.outputs_of_batch(prepared)[1] if len(prepared) else np.zeros((0, 0), np.float32)
+            if features is None:
+                raise ConfigError(
+                    f"this {self.backend} model gives no pooled features; re-export it with this blastscan, or open "
+                    "the run with backend='torch'"
+                )
+            outputs.append(features)
+        return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
 
     # --------------------------------------------------------------------------------------------- streaming
 
@@ -309,12 +372,29 @@ class Predictor(ABC):
         stacked = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
         return read, stacked, failures, np.asarray(found, dtype=bool)
 
+    def score_prepared_batch(self, images: np.ndarray, tta: bool | None = None) -> ScoredBatch:
+        """Everything `stream` reports for one prepared batch (n <= batch_size), with no sources: logits
+        (TTA-averaged with TTA), the in-distribution score and flag (always of the plain view), and with TTA the
+        spread of the views' probabilities."""
+        n = len(images)
+        if n == 0:
+            return ScoredBatch([], _empty_logits(), temperature=self.temperature)
+        use_tta = self.tta if tta is None else tta
+        needs_features = self.ood is not None and self.ood.needs_features
+        plain, features = self.outputs_of_batch(images) if needs_features or not use_tta else (None, None)
+        logits, spread = plain, np.full(n, np.nan)
+        if use_tta:
+            views = self.dihedral_logits_of_batch(images)
+            plain, logits = views[0], views.mean(axis=0)
+            spread = np.stack([probabilities(view, self.temperature) for view in views]).std(axis=0)
+        scores, flags = self.ood_scores(plain, features)
+        return ScoredBatch([], logits, [], np.ones(n, dtype=bool), scores, flags, spread, self.temperature)
+
     def stream(self, sources: Iterable[Any], tta: bool | None = None) -> Iterator[ScoredBatch]:
         """Score any number of images in constant memory, one `ScoredBatch` per batch; unreadable ones are listed
         in the batch's `failures`, never raised."""
         for read, images, failures, found in self.prepared_batches(sources):
-            logits = self.logits_prepared(images, tta) if len(images) else _empty_logits()
-            yield ScoredBatch(read, logits, failures, found)
+            yield replace(self.score_prepared_batch(images, tta), sources=read, failures=failures, cell_found=found)
 
     def _all(self, sources: Sequence[Any] | Iterable[Any], tta: bool | None) -> np.ndarray:
         logits = []
@@ -328,8 +408,8 @@ class Predictor(ABC):
         return self._all(images, tta)
 
     def predict(self, images: Iterable[ImageSource], tta: bool | None = None) -> np.ndarray:
-        """(N,) class-1 probabilities of images (paths, arrays or PIL images)."""
-        return probabilities(self._all(images, tta))
+        """(N,) class-1 probabilities of images (paths, arrays or PIL images), scaled by `temperature`."""
+        return probabilities(self._all(images, tta), self.temperature)
 
 
 def installed(module: str) -> bool:

@@ -21,6 +21,8 @@ from blastscan.runs import ExportFolder, RunFolder
 #: The names of the exported graph's input and output (the input contract in preprocessing.json).
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+#: The second output: pooled penultimate features (what the in-distribution score reads); older exports lack it.
+FEATURES_NAME = "features"
 
 
 def _session(model_file: Path, threads: int | None, device: str) -> Any:
@@ -70,6 +72,7 @@ class OnnxPredictor(Predictor):
         self.model_file = Path(model_file)
         self.device = "cpu" if str(device).lower() == "auto" else str(device)
         self.session = _session(self.model_file, threads, self.device)
+        self.has_features = FEATURES_NAME in {output.name for output in self.session.get_outputs()}
 
     @classmethod
     def from_export(
@@ -87,6 +90,14 @@ class OnnxPredictor(Predictor):
         """(n, 2) float32 logits of one batch of prepared uint8 images."""
         batch = normalize_array(images, self.spec.mean, self.spec.std)
         return np.asarray(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], dtype=np.float32)
+
+    def outputs_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, 2) float32 logits and (n, D) pooled features (None for an export made before it had them)."""
+        if not self.has_features:
+            return self.logits_of_batch(images), None
+        batch = normalize_array(images, self.spec.mean, self.spec.std)
+        logits, features = self.session.run([OUTPUT_NAME, FEATURES_NAME], {INPUT_NAME: batch})
+        return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
 
 
 def run_onnx_file(run: RunFolder, remake: bool = False) -> Path:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from blastscan.errors import ConfigError
-from blastscan.inference.onnx_backend import INPUT_NAME, OUTPUT_NAME
+from blastscan.inference.onnx_backend import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
+from blastscan.inference.torch_backend import has_feature_head, pooled_features
 
 #: The ONNX opset: 17 is read by every ONNX Runtime since 1.11 and by ONNX Runtime Mobile.
 OPSET = 17
@@ -37,12 +38,28 @@ def _temporary_beside(path: Path) -> Path:
     return Path(name)
 
 
+class _LogitsAndFeatures(nn.Module):
+    """A timm-style network with its pooled features as a second output (the in-distribution score needs them)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = pooled_features(self.model, x)
+        return self.model.get_classifier()(features), features
+
+
 def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
-    """`model` as a float32 ONNX file at `path`: input `image` (N, 3, S, S) normalised, output `logits` (N, 2)."""
+    """`model` as a float32 ONNX file at `path`: input `image` (N, 3, S, S) normalised, outputs `logits` (N, 2)
+    and, for networks that expose them, `features` (N, D) pooled penultimate features."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A copy: the caller's module (a TorchPredictor's, in channels_last, maybe on a GPU) is left as it was.
     model = copy.deepcopy(model).eval().to("cpu", memory_format=torch.contiguous_format)
+    outputs = [OUTPUT_NAME]
+    if has_feature_head(model):
+        model, outputs = _LogitsAndFeatures(model).eval(), [OUTPUT_NAME, FEATURES_NAME]
     example = torch.zeros(2, 3, image_size, image_size)
     part = _temporary_beside(path)
     try:
@@ -53,8 +70,8 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
                 (example,),
                 str(part),
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                output_names=outputs,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                 opset_version=OPSET,
                 do_constant_folding=True,
                 dynamo=False,

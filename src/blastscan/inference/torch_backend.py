@@ -46,6 +46,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return chosen
 
 
+def has_feature_head(model: nn.Module) -> bool:
+    """True when `model` splits like a timm network: forward_features -> forward_head(pre_logits) -> classifier."""
+    return all(callable(getattr(model, name, None)) for name in ("forward_features", "forward_head", "get_classifier"))
+
+
+def pooled_features(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """(N, D) pooled penultimate features: timm's `forward_head(forward_features(x), pre_logits=True)`; the
+    model's `get_classifier()` maps them to its logits."""
+    return model.forward_head(model.forward_features(batch), pre_logits=True).flatten(1)
+
+
 def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
     """The 8 flips/quarter-turns of a (B, 3, H, W) batch: cells have no orientation, so each is an equal view."""
     views = []
@@ -126,9 +137,32 @@ class TorchPredictor(Predictor):
             views = torch.stack([self.model(view) for view in dihedral_views(batch)]).float()
         return views[0], views.mean(dim=0)
 
+    @torch.inference_mode()
+    def forward_with_features(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, pooled penultimate features) of a normalised batch in one pass; features are None for a
+        network without timm's forward_features / forward_head / get_classifier."""
+        if not has_feature_head(self.model):
+            return self.forward(batch, tta=False), None
+        with self._autocast():
+            features = pooled_features(self.model, batch)
+            logits = self.model.get_classifier()(features)
+        return logits.float(), features.float()
+
+    def outputs_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, 2) float32 logits and (n, D) pooled features of one batch of prepared uint8 images."""
+        logits, features = self.forward_with_features(self.to_input(images))
+        return logits.cpu().numpy(), None if features is None else features.cpu().numpy()
+
     def logits_of_batch(self, images: np.ndarray) -> np.ndarray:
         """(n, 2) float32 logits of one batch of prepared uint8 images."""
         return self.forward(self.to_input(images), tta=False).cpu().numpy()
+
+    def dihedral_logits_of_batch(self, images: np.ndarray) -> np.ndarray:
+        """(8, n, 2) logits of the 8 dihedral views of one prepared batch, the views made on the device."""
+        batch = self.to_input(images)
+        with torch.inference_mode(), self._autocast():
+            views = torch.stack([self.model(view) for view in dihedral_views(batch)]).float()
+        return views.cpu().numpy()
 
     def plain_and_tta_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(plain, TTA) logits of one prepared batch, the 8 views made on the device."""
@@ -142,8 +176,8 @@ class TorchPredictor(Predictor):
             if not callable(getattr(self.model, method, None)):
                 raise ConfigError(f"{type(self.model).__name__} has no {method}(); pooled features cannot be read")
         with self._autocast():
-            features = self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
-        return features.flatten(1).float()
+            features = pooled_features(self.model, batch)
+        return features.float()
 
     def embed_prepared(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N, D) pooled features of prepared images (uint8, or float 0-255), in batches."""

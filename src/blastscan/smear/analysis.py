@@ -60,6 +60,8 @@ CELL_COLUMNS = (
     "touches_border",
     "detection_score",
     "cell_found",
+    "ood_score",
+    "out_of_distribution",
 )
 
 #: Times a named stage: `with clock("find"): ...`. Callers that measure where the time goes (benchmarks) pass one.
@@ -126,6 +128,9 @@ class ScoredCell:
     detection_score: float
     #: False when the model's cell focus found no cell in the crop and scored it whole (always True without one).
     cell_found: bool = True
+    #: The in-distribution score (NaN when the model has no profile) and whether it is above the flag threshold.
+    ood_score: float = float("nan")
+    out_of_distribution: bool = False
 
     def row(self) -> dict[str, Any]:
         """The cells.csv row (keys: CELL_COLUMNS, in order)."""
@@ -145,6 +150,8 @@ class ScoredCell:
             "touches_border": self.touches_border,
             "detection_score": round(self.detection_score, 4),
             "cell_found": self.cell_found,
+            "ood_score": None if np.isnan(self.ood_score) else round(self.ood_score, 4),
+            "out_of_distribution": self.out_of_distribution,
         }
 
 
@@ -248,17 +255,23 @@ class FieldAnalyzer:
         return np.stack([p[0] for p in prepared]), np.array([p[1] for p in prepared], dtype=bool)
 
     def score(self, crops: np.ndarray) -> np.ndarray:
-        """(N,) blast probabilities of (N, S, S, 3) prepared crops: batches of SCORE_BATCH, the rest padded to a
-        power of two."""
+        """(N,) blast probabilities of (N, S, S, 3) prepared crops (see `score_with_flags`)."""
+        return self.score_with_flags(crops)[0]
+
+    def score_with_flags(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N,) blast probabilities (temperature-scaled), in-distribution scores and out-of-distribution flags of
+        (N, S, S, 3) prepared crops: batches of SCORE_BATCH, the rest padded to a power of two."""
         if not len(crops):
-            return np.zeros(0)
-        scores = []
+            return np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool)
+        parts = []
         for start in range(0, len(crops), SCORE_BATCH):
             batch = crops[start : start + SCORE_BATCH]
             padded = np.zeros((1 << (len(batch) - 1).bit_length(), *crops.shape[1:]), dtype=crops.dtype)
             padded[: len(batch)] = batch
-            scores.append(self.predictor.predict_prepared(padded)[: len(batch)])
-        return np.concatenate(scores)
+            scored = self.predictor.score_prepared_batch(padded)
+            n = len(batch)
+            parts.append((scored.probabilities[:n], scored.ood_score[:n], scored.out_of_distribution[:n]))
+        return tuple(np.concatenate(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
 
     def analyze(self, image: np.ndarray, clock: StageClock = no_clock) -> FieldAnalysis:
         """Find, score and count the leukocytes of one (H, W, 3) uint8 RGB field.
@@ -270,7 +283,7 @@ class FieldAnalyzer:
         with clock("crop"):
             crops, found = self.prepared_crops(image, finding)
         with clock("score"):
-            probabilities = self.score(crops)
+            probabilities, ood_scores, ood_flags = self.score_with_flags(crops)
         with clock("count"):
             cells = tuple(
                 ScoredCell(
@@ -285,6 +298,8 @@ class FieldAnalyzer:
                     touches_border=c.touches_border,
                     detection_score=c.score,
                     cell_found=bool(ok),
+                    ood_score=float(ood_scores[i]),
+                    out_of_distribution=bool(ood_flags[i]),
                 )
                 for i, (c, p, ok) in enumerate(zip(finding.cells, probabilities, found, strict=True))
             )

@@ -90,12 +90,13 @@ def field_analyzer(
     red_cell_diameter: float | None = None,
     backend: str = "auto",
     int8: bool = False,
+    site: str | None = None,
 ) -> FieldAnalyzer:
     """A FieldAnalyzer for a run or an exported model: its network, its training framing, its validation-chosen
-    cell threshold (unless `cell_threshold` is given)."""
+    cell threshold (or the site profile's, with `site`; unless `cell_threshold` is given)."""
     if not isinstance(model, LoadedModel):
         path = model.path if isinstance(model, RunFolder) else model
-        model = load_model(path, device=device, backend=backend, int8=int8)
+        model = load_model(path, device=device, backend=backend, int8=int8, site=site)
     return FieldAnalyzer(
         model.predictor,
         model.framing(),
@@ -112,10 +113,12 @@ def open_analyzer(
     smear_threshold: float | None = None,
     backend: str = "auto",
     int8: bool = False,
+    site: str | None = None,
 ) -> tuple[FieldAnalyzer, dict[str, Any]]:
     """The FieldAnalyzer of a run folder or an exported model, and its public model card (name, classes, input
-    size, mean, std, the validation-chosen threshold, backend, where it came from): what the service answers with."""
-    loaded = load_model(model, device=device, backend=backend, int8=int8)
+    size, mean, std, the validation-chosen threshold or the site profile's, backend, where it came from, the
+    out-of-distribution flag): what the service answers with."""
+    loaded = load_model(model, device=device, backend=backend, int8=int8, site=site)
     analyzer = field_analyzer(loaded, cell_threshold=cell_threshold, smear_threshold=smear_threshold)
     card = {
         **loaded.card,
@@ -210,6 +213,7 @@ def analyze(
     clock: StageClock = no_clock,
     backend: str = "auto",
     int8: bool = False,
+    site: str | None = None,
 ) -> AnalyzeResult:
     """Analyse every field `inputs` name (files, folders, globs) with a run or an exported model (`load_model`);
     write the outputs under `out`.
@@ -223,7 +227,7 @@ def analyze(
     out = Path(out)
     sources = list(iter_sources(inputs))
     with clock("setup"):
-        model = load_model(model_dir, device=device, backend=backend, int8=int8)
+        model = load_model(model_dir, device=device, backend=backend, int8=int8, site=site)
         analyzer = field_analyzer(
             model, cell_threshold=cell_threshold, smear_threshold=smear_threshold, red_cell_diameter=red_cell_diameter
         )

@@ -47,6 +47,7 @@ from blastscan.evaluation.report import (
 from blastscan.inference import Predictor, probabilities
 from blastscan.runs import RunFolder, write_json
 from blastscan.training.config import DataConfig, TrainConfig
+from blastscan.workflows.in_distribution import ensure_ood_profile
 from blastscan.workflows.thresholds import record_operating_points
 
 
@@ -58,6 +59,9 @@ class Scored:
     targets: np.ndarray
     logits: np.ndarray
     patients: np.ndarray | None
+    #: The in-distribution score of each row (NaN without a profile) and its flag.
+    ood_score: np.ndarray | None = None
+    out_of_distribution: np.ndarray | None = None
 
     @property
     def probability(self) -> np.ndarray:
@@ -100,10 +104,12 @@ def _score(
     targets = class_targets(manifest, positive)[rows]
     patients = patient_ids(manifest)
     patients = patients[rows] if patients is not None else None
+    logits, features = predictor.outputs_of_rows(cache, rows)
+    scores, flags = predictor.ood_scores(logits, features)
     if not tta:
-        return Scored(rows, targets, predictor.logits_of_rows(cache, rows), patients), None
+        return Scored(rows, targets, logits, patients, scores, flags), None
     plain, averaged = predictor.logits_of_rows_with_tta(cache, rows)
-    return Scored(rows, targets, plain, patients), Scored(rows, targets, averaged, patients)
+    return Scored(rows, targets, plain, patients, scores, flags), Scored(rows, targets, averaged, patients)
 
 
 def dataset_name(manifest: Manifest) -> str:
@@ -135,6 +141,7 @@ def evaluate_run(
     config = run.config()
     positive = config.data.positive_label
     predictor = Predictor.from_run(run, device=device, batch_size=batch_size)
+    predictor.ood, ood_note = ensure_ood_profile(run, predictor)
     own = run.manifest()
     own_splits = run.split_names(own)
     cache_dir = config.data.cache_dir
@@ -160,20 +167,28 @@ def evaluate_run(
     threshold = youden_threshold(validation.targets, p_val)
     threshold_95 = threshold_for_specificity(validation.targets, p_val, 0.95)
     temperature = fit_temperature(validation.logits, validation.targets)
-    record_operating_points(run, False, threshold, threshold_95, len(val_rows))
+    record_operating_points(run, False, threshold, threshold_95, len(val_rows), temperature)
 
     out_dir = run.eval_dir(dataset, split_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     with clock("metrics"):
         metrics = _metrics(scored, threshold, threshold_95, temperature, validation, n_boot, seed)
     metrics.update({"dataset": dataset, "split": split_name, "external": data is not None, "run": str(run_dir)})
+    metrics["out_of_distribution"] = _ood_metrics(predictor, scored, threshold) if predictor.ood else {"note": ood_note}
     tta_metrics = None
     if validation_tta is not None and scored_tta is not None:
         # TTA scores have their own distribution: their operating points come from TTA scores on validation.
         p_val_tta = validation_tta.probability
         threshold_tta = youden_threshold(validation_tta.targets, p_val_tta)
         threshold_95_tta = threshold_for_specificity(validation_tta.targets, p_val_tta, 0.95)
-        record_operating_points(run, True, threshold_tta, threshold_95_tta, len(val_rows))
+        record_operating_points(
+            run,
+            True,
+            threshold_tta,
+            threshold_95_tta,
+            len(val_rows),
+            fit_temperature(validation_tta.logits, validation_tta.targets),
+        )
         with clock("metrics"):
             tta_metrics = metrics_with_ci(
                 scored_tta.targets,
@@ -311,6 +326,7 @@ def write_evaluation_report(
         ),
         patient_table=patient.get("patients") if patient else None,
         tta_metrics=metrics.get("tta"),
+        out_of_distribution=metrics.get("out_of_distribution"),
         figures=[(caption, made[key]) for key, caption in _FIGURE_CAPTIONS if key in made],
         error_gallery=made.get("errors"),
         model_card=ModelCard(
@@ -375,6 +391,21 @@ def _metrics(
     return metrics
 
 
+def _ood_metrics(predictor: Predictor, scored: Scored, threshold: float) -> dict[str, Any]:
+    """How many scored images the out-of-distribution flag marks, and the accuracy with and without them."""
+    assert predictor.ood is not None and scored.out_of_distribution is not None
+    flagged = scored.out_of_distribution
+    correct = (scored.probability >= threshold) == (scored.targets == 1)
+    return {
+        **predictor.ood.summary(),
+        "n_images": len(flagged),
+        "n_flagged": int(flagged.sum()),
+        "flagged_share": float(flagged.mean()) if len(flagged) else float("nan"),
+        "accuracy_flagged": float(correct[flagged].mean()) if flagged.any() else None,
+        "accuracy_unflagged": float(correct[~flagged].mean()) if (~flagged).any() else None,
+    }
+
+
 def _write_predictions(path: Path, manifest: Manifest, scored: Scored, scored_tta: Scored | None) -> None:
     table = pd.DataFrame(
         {
@@ -386,6 +417,9 @@ def _write_predictions(path: Path, manifest: Manifest, scored: Scored, scored_tt
     )
     if scored_tta is not None:
         table["probability_tta"] = scored_tta.probability
+    if scored.ood_score is not None and scored.out_of_distribution is not None:
+        table["ood_score"] = scored.ood_score
+        table["out_of_distribution"] = scored.out_of_distribution.astype(int)
     table.to_csv(path, index=False)
 
 

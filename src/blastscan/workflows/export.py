@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 from blastscan import DISCLAIMER, __version__
 from blastscan.evaluation.metrics import (
+    fit_temperature,
     metrics_with_ci,
     paired_bootstrap_ci,
     threshold_for_specificity,
@@ -38,6 +39,7 @@ from blastscan.inference.onnx_export import INT8_RECIPES, OPSET, export_onnx, qu
 from blastscan.inference.torch_backend import TorchPredictor
 from blastscan.runs import FOR_EVALUATION, ExportFolder, RunFolder, file_sha256, jsonable, write_json
 from blastscan.workflows.analyze import run_framing
+from blastscan.workflows.in_distribution import ensure_ood_profile
 from blastscan.workflows.thresholds import ensure_operating_points
 
 #: Calibration images are scored in batches of this many.
@@ -166,6 +168,10 @@ def export_run(
         }
     }
     files = {export.MODEL: export.model_path}
+    say("in-distribution profile (the out-of-distribution flag)")
+    ood, ood_note = ensure_ood_profile(run, torch_predictor)
+    if ood is not None:
+        files[export.OOD_PROFILE] = ood.save(export.ood_profile_path)
     recipes: dict[str, Any] = {}
     int8_points: dict[str, Any] | None = None
     if int8:
@@ -193,9 +199,11 @@ def export_run(
                 candidate.unlink()
         files[export.MODEL_INT8] = export.int8_path
         # Quantisation shifts the scores a little: the INT8 model gets its own thresholds, chosen on validation too.
+        int8_val_logits = OnnxPredictor(export.int8_path, spec, device="cpu").logits_of_rows(cache, val_rows)
         int8_points = {
             "threshold": youden_threshold(y_val, p_val_int8),
             "threshold_95_specificity": threshold_for_specificity(y_val, p_val_int8, 0.95),
+            "temperature": fit_temperature(int8_val_logits, y_val),
             "chosen_on": f"validation split ({len(val_rows)} images), Youden's J, on the INT8 model's scores",
         }
         say(f"parity: ONNX Runtime INT8 ({chosen}, chosen on the validation split)")
@@ -247,6 +255,12 @@ def export_run(
         "threshold": threshold,
         "threshold_95_specificity": t95,
         "threshold_chosen_on": points.get("chosen_on", "validation split"),
+        "temperature": points.get("temperature", 1.0),
+        "out_of_distribution": ood.summary() if ood is not None else {"note": ood_note},
+        # Site profiles (`blastscan calibrate`) travel with the model; which cells each was fitted on stays home.
+        "sites": {
+            name: {k: v for k, v in profile.items() if k != "sample"} for name, profile in run.site_profiles().items()
+        },
         "thresholds_tta": (run.operating_points() or {}).get("tta"),
         "thresholds_int8": int8_points,
         "framing": {

@@ -4,7 +4,12 @@ Inputs are any mix of image files, folders (searched recursively), glob patterns
 relative to the CSV's folder or absolute) and manifests (`blastscan data scan`). Images stream through the
 run's `Predictor` a batch at a time, so memory stays flat however many there are; unreadable images are listed
 (and written to `<out>.skipped.csv`) instead of stopping the run. The call is made at the run's decision threshold
-chosen on its validation split (Youden's J), which is stored in the run's operating_points.json.
+chosen on its validation split (Youden's J), which is stored in the run's operating_points.json, or at a site
+profile's (`--site`). Probabilities are temperature-scaled (fitted on the same validation split).
+
+Every row also says how familiar the image looks to the network (`ood_score`, `out_of_distribution`: see
+`blastscan.inference.ood`). The call is `1`, `0` or, when the user asks for it, `review`: for probabilities within
+`review_band` of the threshold, and with `review_ood` for images flagged out of distribution.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ class PredictResult:
     skipped_file: Path | None = None
     #: With a cell focus: images in which no cell was found (scored whole; `cell_found` 0 in the CSV).
     no_cell: int = 0
+    #: Images called `review` (near the threshold, or out of distribution with review_ood).
+    review: int = 0
+    #: Images flagged out of distribution (None: the model has no in-distribution profile).
+    out_of_distribution: int | None = None
+    #: Why there is no out-of-distribution flag ("" when there is one).
+    ood_note: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -95,6 +106,27 @@ def iter_sources(inputs: Sequence[str | Path]) -> Iterator[str]:
             raise DatasetError(f"{text}: no such file, folder or pattern; pass image files, folders, globs or a CSV")
 
 
+#: What the `call` column holds when blastscan abstains.
+REVIEW = "review"
+
+
+def calls(p: np.ndarray, threshold: float, review_band: float = 0.0, flagged: np.ndarray | None = None) -> np.ndarray:
+    """Per image "1" (positive), "0" (negative) or "review": within `review_band` of `threshold`, or `flagged`."""
+    out = np.where(np.asarray(p) >= threshold, "1", "0").astype(object)
+    review = np.abs(np.asarray(p) - threshold) < review_band
+    if flagged is not None:
+        review |= np.asarray(flagged, dtype=bool)
+    out[review] = REVIEW
+    return out
+
+
+def check_review_band(review_band: float) -> float:
+    """`review_band` when it is a usable half-width in probability (0 <= band < 0.5)."""
+    if not 0.0 <= float(review_band) < 0.5:
+        raise ConfigError(f"--review-band {review_band}: choose a probability half-width in [0, 0.5), e.g. 0.1")
+    return float(review_band)
+
+
 def count_sources(inputs: Sequence[str | Path]) -> int:
     """How many image paths `iter_sources` will yield (a walk over names only; nothing is decoded)."""
     return sum(1 for _ in iter_sources(inputs))
@@ -111,19 +143,27 @@ def predict(
     progress: Callable[[int], None] | None = None,
     backend: str = "auto",
     int8: bool = False,
+    site: str | None = None,
+    review_band: float = 0.0,
+    review_ood: bool = False,
 ) -> PredictResult:
     """Score every image `inputs` name with a run's or an exported model (`load_model`); write `path, probability,
-    call` rows to `out`.
+    call, ood_score, out_of_distribution` rows to `out`.
 
     The CSV's first line is `# blastscan-predictions {json}`: the run, the model, the threshold and where it came
-    from, TTA and the cell focus; with a focus, a `cell_found` column flags images scored whole (no cell framed).
-    It is written as `<out>.part` and renamed when complete, so an interrupted run never leaves a file that looks
-    finished. Raises DatasetError when no image could be read (the skipped list is written first).
+    from (the run's validation split, or the site profile `site`), the temperature, the out-of-distribution flag's
+    method and threshold, TTA and the cell focus; with a focus, a `cell_found` column flags images scored whole
+    (no cell framed); with TTA, `tta_spread` is the spread of the 8 views' probabilities. `review_band` and
+    `review_ood` make the call `review` instead of 1/0 (see `calls`). It is written as `<out>.part` and renamed
+    when complete, so an interrupted run never leaves a file that looks finished. Raises DatasetError when no
+    image could be read (the skipped list is written first).
     """
     started = time.perf_counter()
+    review_band = check_review_band(review_band)
     model = load_model(
-        model_dir, device=device, backend=backend, int8=int8, tta=tta, batch_size=batch_size, workers=workers
-    )
+        model_dir, device=device, backend=backend, int8=int8, tta=tta, site=site, batch_size=batch_size,
+        workers=workers,
+    )  # fmt: skip
     predictor = model.predictor
     threshold = model.threshold
     out = Path(out)
@@ -138,26 +178,38 @@ def predict(
         "device": str(predictor.device),
         "backend": predictor.backend,
         "cell_focus": predictor.focus.to_dict(),
+        "site": site,
+        "temperature": predictor.temperature,
+        "out_of_distribution": model.ood.summary() if model.ood is not None else None,
+        "out_of_distribution_note": model.ood_note or None,
+        "review_band": review_band,
+        "review_ood": review_ood,
     }
     focus = predictor.focus.active
+    has_ood = model.ood is not None
     partial = out.with_name(out.name + ".part")
     failures: list[tuple[str, str]] = []
-    scored = positive = no_cell = 0
+    scored = positive = no_cell = review = flagged = 0
     with partial.open("w", newline="") as handle:
         handle.write(PREDICTIONS_MAGIC + json.dumps(header) + "\n")
         writer = csv.writer(handle)
         # With a cell focus, `cell_found` 0 flags images scored whole because no cell could be framed.
-        writer.writerow(["path", "probability", "call", *(["cell_found"] if focus else [])])
+        columns = ["path", "probability", "call", "ood_score", "out_of_distribution"]
+        writer.writerow(columns + (["cell_found"] if focus else []) + (["tta_spread"] if tta else []))
         for batch in predictor.stream(iter_sources(inputs)):
             p = batch.probabilities
-            calls = p >= threshold
-            writer.writerows(
-                (source, f"{prob:.6f}", int(call), *([int(found)] if focus else []))
-                for source, prob, call, found in zip(batch.sources, p, calls, batch.cell_found, strict=True)
-            )
+            made = calls(p, threshold, review_band, batch.out_of_distribution if review_ood else None)
+            for i, source in enumerate(batch.sources):
+                row = [source, f"{p[i]:.6f}", made[i]]
+                row += [f"{batch.ood_score[i]:.4f}", int(batch.out_of_distribution[i])] if has_ood else ["", ""]
+                row += [int(batch.cell_found[i])] if focus else []
+                row += [f"{batch.tta_spread[i]:.4f}"] if tta else []
+                writer.writerow(row)
             failures.extend((str(source), reason) for source, reason in batch.failures)
             scored += len(batch.sources)
-            positive += int(np.count_nonzero(calls))
+            positive += int(np.count_nonzero(made == "1"))
+            review += int(np.count_nonzero(made == REVIEW))
+            flagged += int(np.count_nonzero(batch.out_of_distribution))
             no_cell += int(np.count_nonzero(~batch.cell_found)) if focus else 0
             if progress is not None:
                 progress(len(batch.sources) + len(batch.failures))
@@ -174,7 +226,10 @@ def predict(
         )
     partial.replace(out)
     seconds = time.perf_counter() - started
-    return PredictResult(out, scored, positive, threshold, seconds, failures, skipped_file, no_cell)
+    return PredictResult(
+        out, scored, positive, threshold, seconds, failures, skipped_file, no_cell, review,
+        flagged if has_ood else None, model.ood_note,
+    )  # fmt: skip
 
 
 def read_predictions(path: str | Path) -> tuple[dict, pd.DataFrame]:

@@ -26,9 +26,10 @@ def build_app(
     device: str = "auto",
     backend: str = "auto",
     int8: bool = False,
+    site: str | None = None,
 ) -> FastAPI:
-    """The service's application for `model` (see `open_analyzer`)."""
-    analyzer, card = open_analyzer(model, device=device, backend=backend, int8=int8)
+    """The service's application for `model` (see `open_analyzer`), with the site profile `site` when given."""
+    analyzer, card = open_analyzer(model, device=device, backend=backend, int8=int8, site=site)
     return create_app(analyzer, card, limits)
 
 
@@ -40,9 +41,10 @@ def serve(
     device: str = "auto",
     backend: str = "auto",
     int8: bool = False,
+    site: str | None = None,
 ) -> None:
     """Serve `model` on http://host:port until interrupted; access log as JSON lines on stderr."""
-    app = build_app(model, limits, device, backend, int8)
+    app = build_app(model, limits, device, backend, int8, site)
     if not ACCESS_LOG.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -1,7 +1,9 @@
-"""A run's decision thresholds, chosen on its validation split and kept in the run folder.
+"""A run's decision thresholds and calibration temperature, chosen on its validation split and kept in the run.
 
 `evaluate` records the thresholds it chooses; `predict` reads them, and chooses them itself (scoring the run's
 validation images) the first time a run without them is used. Thresholds never come from the data being scored.
+Thresholds are stored on the network's raw probabilities; the temperature (fitted on the same validation logits)
+rescales what a user reads without changing any call (`blastscan.inference.calibrated_threshold`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from blastscan.errors import BlastscanError, ConfigError
-from blastscan.evaluation.metrics import threshold_for_specificity, youden_threshold
+from blastscan.evaluation.metrics import fit_temperature, threshold_for_specificity, youden_threshold
 from blastscan.inference import Predictor, probabilities
 from blastscan.runs import RunFolder
 
@@ -18,23 +20,25 @@ def _key(tta: bool) -> str:
     return "tta" if tta else "plain"
 
 
-def record_operating_points(run: RunFolder, tta: bool, youden: float, spec95: float, n_images: int) -> None:
-    """Store the validation-chosen Youden and 95%-specificity thresholds of plain or TTA scores."""
-    run.write_operating_points(
-        {
-            _key(tta): {
-                "threshold": float(youden),
-                "threshold_95_specificity": float(spec95),
-                "chosen_on": f"validation split ({n_images} images), Youden's J",
-            }
-        }
-    )
+def record_operating_points(
+    run: RunFolder, tta: bool, youden: float, spec95: float, n_images: int, temperature: float | None = None
+) -> None:
+    """Store the validation-chosen Youden and 95%-specificity thresholds of plain or TTA scores, and the
+    temperature fitted on the same validation logits."""
+    point: dict[str, Any] = {
+        "threshold": float(youden),
+        "threshold_95_specificity": float(spec95),
+        "chosen_on": f"validation split ({n_images} images), Youden's J",
+    }
+    if temperature is not None:
+        point["temperature"] = float(temperature)
+    run.write_operating_points({_key(tta): point})
 
 
 def ensure_operating_points(run: RunFolder, predictor: Predictor, tta: bool = False) -> dict[str, Any]:
     """The run's thresholds for plain (or TTA) scores; chosen on its validation images and stored when missing."""
     stored = (run.operating_points() or {}).get(_key(tta))
-    if stored is not None:
+    if stored is not None and "temperature" in stored:
         return stored
     try:
         config = run.config()
@@ -43,12 +47,20 @@ def ensure_operating_points(run: RunFolder, predictor: Predictor, tta: bool = Fa
         targets = run.class_targets(manifest)[rows]
         cache = predictor.image_cache(manifest, config.data.cache_dir)
     except BlastscanError as exc:
+        if stored is not None:
+            return stored  # thresholds from an older blastscan, no temperature: probabilities stay uncalibrated
         raise ConfigError(
             f"{run.path}: has no {RunFolder.OPERATING_POINTS} and its validation images cannot be read to choose a "
             f"threshold ({exc}); run `blastscan evaluate {run.path}` where the dataset is, then copy the run"
         ) from None
-    p_val = probabilities(predictor.logits_of_rows(cache, rows, tta=tta))
+    logits = predictor.logits_of_rows(cache, rows, tta=tta)
+    p_val = probabilities(logits)
     record_operating_points(
-        run, tta, youden_threshold(targets, p_val), threshold_for_specificity(targets, p_val, 0.95), len(rows)
+        run,
+        tta,
+        youden_threshold(targets, p_val),
+        threshold_for_specificity(targets, p_val, 0.95),
+        len(rows),
+        fit_temperature(logits, targets),
     )
     return run.operating_points()[_key(tta)]

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from blastscan.data.sources import source_balanced_weights
 from blastscan.errors import ConfigError, TrainingError
 from blastscan.imaging.augment import save_augmentation_grid
+from blastscan.inference import Predictor
 from blastscan.models import preprocessing_for, unfreeze
 from blastscan.models.weights import refusal_reason
 from blastscan.runs import RunFolder
@@ -27,6 +28,7 @@ from blastscan.training.losses import balanced_sample_weights
 from blastscan.training.module import CellClassifier
 from blastscan.training.plots import save_training_curves
 from blastscan.training.prepare import PreparedData, prepare_data
+from blastscan.workflows.in_distribution import fit_ood_profile
 
 #: The file Lightning's CSVLogger writes in its log folder (run/logs/).
 _LIGHTNING_METRICS = "metrics.csv"
@@ -103,6 +105,8 @@ def _write_run_outputs(run: RunFolder, module: CellClassifier, best_path: str, l
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     run.write_weights(module.model)
+    # The out-of-distribution flag of every later prediction: fitted now, on the weights just written.
+    fit_ood_profile(run, Predictor.from_run(run, backend="torch", batch_size=128))
     metrics_file = log_dir / _LIGHTNING_METRICS
     if metrics_file.is_file():
         save_training_curves(metrics_file, run.metrics_path, run.curves_path)
