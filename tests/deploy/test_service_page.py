@@ -65,6 +65,7 @@ def test_the_page_scores_a_real_cell_as_the_api_does(page: Any, service: str, cr
     assert cells.nth(0).inner_text() == crop.name
     assert cells.nth(2).inner_text() == f"{expected['probability']:.4f}"
     assert cells.nth(3).inner_text() == expected["call"]
+    assert cells.nth(4).inner_text() == ("review" if expected["out_of_distribution"] else "yes")
     assert page.inner_text("#cell-threshold") == f"{api['threshold']:.4f}"
     assert page.is_visible("#download") and not page.is_visible("#field-result")
 
@@ -106,6 +107,23 @@ def test_the_page_reads_a_real_field_as_the_api_does(page: Any, service: str, al
                 assert float(got[column]) == value
             else:
                 assert got[column] == value
+
+
+def test_the_page_tells_the_user_to_review_an_image_unlike_the_training_cells(
+    page: Any, service: str, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from blastscan.workflows.evaluate_ood import photograph_crops
+
+    photo = tmp_path / "not_a_cell.png"
+    Image.fromarray(photograph_crops(1, seed=3)[0]).resize((200, 200)).save(photo)
+    api = httpx.post(f"{service}/v1/cells", files=[("files", (photo.name, photo.read_bytes()))]).json()
+    assert api["cells"][0]["out_of_distribution"], api  # a photograph of something else entirely
+    _upload(page, photo)
+    assert page.evaluate("document.body.dataset.state") == "done", page.inner_text("#error")
+    assert page.locator("#cell-table tbody tr td").nth(4).inner_text() == "review"
+    assert "look unlike the training cells" in page.inner_text("#cell-ood-summary")
 
 
 def test_the_page_shows_the_services_message_for_a_file_it_refuses(page: Any, tmp_path: Path) -> None:

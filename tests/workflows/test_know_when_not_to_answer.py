@@ -89,10 +89,12 @@ def test_evaluate_ood_measures_every_method_against_other_sets(stain_run: Path, 
     assert set(sets) == {"all-idb2 test", "deepapl", "synthetic cells", "non-cell photographs"}
     for name, row in sets.items():
         if name != "all-idb2 test":
-            assert set(row["auroc"]) == {"mahalanobis", "energy", "msp"}
+            assert set(row["auroc"]) == {"mahalanobis", "mahalanobis-last", "energy", "msp"}
             low, high = row["auroc"]["mahalanobis"]["ci95"]
             assert low <= row["auroc"]["mahalanobis"]["auroc"] <= high
-    assert sets["non-cell photographs"]["auroc"]["mahalanobis"]["auroc"] > 0.8
+    # Another lab's cells and photographs are told apart from this lab's cells (measured: 1.000 on each here).
+    assert sets["non-cell photographs"]["auroc"]["mahalanobis"]["auroc"] > 0.95
+    assert sets["deepapl"]["auroc"]["mahalanobis"]["auroc"] > 0.95
     curve = report["selective"]["all-idb2 test"]["certainty"]["curve"]
     assert [r["coverage"] for r in curve][:3] == [1.0, 0.95, 0.9]
     assert (result.out_dir / "ood.md").read_text().count("|") > 20

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from blastscan.cli import app
 from blastscan.errors import DatasetError
+from blastscan.inference import calibrated_threshold
 from blastscan.runs import RunFolder
 from blastscan.workflows.evaluate import evaluate_run
 from blastscan.workflows.predict import iter_sources, predict, read_predictions
@@ -28,14 +29,16 @@ def test_predict_a_folder_writes_path_probability_call_with_the_run_and_threshol
     out = tmp_path / "predictions.csv"
     result = predict(stain_run, [allidb2_dir / "img"], out, device="cpu")
     header, table = read_predictions(out)
-    assert list(table.columns) == ["path", "probability", "call"]
+    assert list(table.columns) == ["path", "probability", "call", "ood_score", "out_of_distribution"]
     assert len(table) == result.scored == 260 and not result.failures
     assert header["run"] == str(stain_run.resolve()) and header["tta"] is False
     threshold = header["threshold"]
     assert ((table["probability"] >= threshold) == (table["call"] == 1)).all()
     assert result.positive == int(table["call"].sum())
-    points = RunFolder(stain_run).operating_points()
-    assert points["plain"]["threshold"] == threshold and "validation" in points["plain"]["chosen_on"]
+    points = RunFolder(stain_run).operating_points()["plain"]
+    # The stored threshold is on raw probabilities; the CSV's are temperature-scaled, and so is its threshold.
+    assert calibrated_threshold(points["threshold"], points["temperature"]) == pytest.approx(threshold)
+    assert header["temperature"] == points["temperature"] and "validation" in points["chosen_on"]
 
 
 def test_the_threshold_is_the_one_evaluate_chose_on_validation(stain_run: Path) -> None:
@@ -101,7 +104,8 @@ def test_predict_with_tta_records_its_own_threshold(stain_run: Path, allidb2_dir
     assert cli.exit_code == 0, cli.output
     header, table = read_predictions(out)
     assert header["tta"] is True and len(table) == 4
-    assert json.loads((stain_run / RunFolder.OPERATING_POINTS).read_text())["tta"]["threshold"] == header["threshold"]
+    tta = json.loads((stain_run / RunFolder.OPERATING_POINTS).read_text())["tta"]
+    assert calibrated_threshold(tta["threshold"], tta["temperature"]) == pytest.approx(header["threshold"])
 
 
 def _csv(path: Path, columns: dict) -> Path:

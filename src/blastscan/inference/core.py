@@ -160,6 +160,13 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+def join_stages(batches: list[list[np.ndarray]]) -> list[np.ndarray] | None:
+    """Per-stage feature statistics of several batches joined into one array per stage (None for no batches)."""
+    if not batches:
+        return None
+    return [np.concatenate([batch[stage] for batch in batches]) for stage in range(len(batches[0]))]
+
+
 def _empty_logits() -> np.ndarray:
     return np.zeros((0, 2), dtype=np.float32)
 
@@ -240,9 +247,10 @@ class Predictor(ABC):
     # ------------------------------------------------------------------------------------------- the network
 
     @abstractmethod
-    def outputs_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(n, 2) float32 logits and (n, D) pooled penultimate features (None when the network does not expose
-        them) of one batch of (n, S, S, 3) prepared uint8 images (n <= batch_size)."""
+    def outputs_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """(n, 2) float32 logits and, per network stage, an (n, D_stage) array of feature statistics (None when the
+        network does not expose its stages) of one batch of (n, S, S, 3) prepared uint8 images (n <= batch_size).
+        The statistics feed the in-distribution score (`blastscan.inference.ood`)."""
 
     def logits_of_batch(self, images: np.ndarray) -> np.ndarray:
         """(n, 2) float32 logits of one batch of prepared uint8 images."""
@@ -295,17 +303,18 @@ class Predictor(ABC):
             tta.append(mean)
         return np.concatenate(plain), np.concatenate(tta)
 
-    def outputs_of_rows(self, cache: ImageCache, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, 2) plain logits and (N, D) pooled features (or None) of cache rows `rows`, one batch at a time."""
+    def outputs_of_rows(self, cache: ImageCache, rows: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """(N, 2) plain logits and the per-stage feature statistics (or None) of cache rows `rows`, one batch at a
+        time."""
         logits, features = [_empty_logits()], []
         for batch in self._row_batches(cache, rows):
             batch_logits, batch_features = self.outputs_of_batch(batch)
             logits.append(batch_logits)
             if batch_features is not None:
                 features.append(batch_features)
-        return np.concatenate(logits), (np.concatenate(features) if features else None)
+        return np.concatenate(logits), join_stages(features)
 
-    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def ood_scores(self, logits: np.ndarray, features: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, flags) of plain logits and features by the predictor's in-distribution profile; NaN scores and
         no flags when it has none."""
         if self.ood is None:
@@ -314,18 +323,8 @@ class Predictor(ABC):
         return scores, self.ood.flags(scores)
 
     def embed(self, images: Iterable[ImageSource]) -> np.ndarray:
-        """(N, D) pooled penultimate features of images (paths, arrays or PIL images)."""
-        outputs = []
-        for _, prepared, failures, _ in self.prepared_batches(images):
-            raise_failures(failures)
-            features = self.outputs_of_batch(prepared)[1] if len(prepared) else np.zeros((0, 0), np.float32)
-            if features is None:
-                raise ConfigError(
-                    f"this {self.backend} model gives no pooled features; re-export it with this blastscan, or open "
-                    "the run with backend='torch'"
-                )
-            outputs.append(features)
-        return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+        """(N, D) pooled penultimate features; only the torch backend has them."""
+        raise ConfigError(f"the {self.backend} backend gives no pooled features; open the run with backend='torch'")
 
     # --------------------------------------------------------------------------------------------- streaming
 

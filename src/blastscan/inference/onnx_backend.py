@@ -21,8 +21,9 @@ from blastscan.runs import ExportFolder, RunFolder
 #: The names of the exported graph's input and output (the input contract in preprocessing.json).
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-#: The second output: pooled penultimate features (what the in-distribution score reads); older exports lack it.
-FEATURES_NAME = "features"
+#: The further outputs `features_0`, `features_1`, ...: per network stage, each channel's mean and standard deviation
+#: (what the in-distribution score reads; `torch_backend.logits_and_block_statistics`). Older exports lack them.
+FEATURES_PREFIX = "features_"
 
 
 def _session(model_file: Path, threads: int | None, device: str) -> Any:
@@ -72,7 +73,8 @@ class OnnxPredictor(Predictor):
         self.model_file = Path(model_file)
         self.device = "cpu" if str(device).lower() == "auto" else str(device)
         self.session = _session(self.model_file, threads, self.device)
-        self.has_features = FEATURES_NAME in {output.name for output in self.session.get_outputs()}
+        names = [output.name for output in self.session.get_outputs() if output.name.startswith(FEATURES_PREFIX)]
+        self.feature_outputs = sorted(names, key=lambda name: int(name[len(FEATURES_PREFIX) :]))
 
     @classmethod
     def from_export(
@@ -91,13 +93,13 @@ class OnnxPredictor(Predictor):
         batch = normalize_array(images, self.spec.mean, self.spec.std)
         return np.asarray(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], dtype=np.float32)
 
-    def outputs_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(n, 2) float32 logits and (n, D) pooled features (None for an export made before it had them)."""
-        if not self.has_features:
+    def outputs_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """(n, 2) float32 logits and the per-stage feature statistics (None for an export made before them)."""
+        if not self.feature_outputs:
             return self.logits_of_batch(images), None
         batch = normalize_array(images, self.spec.mean, self.spec.std)
-        logits, features = self.session.run([OUTPUT_NAME, FEATURES_NAME], {INPUT_NAME: batch})
-        return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
+        logits, *statistics = self.session.run([OUTPUT_NAME, *self.feature_outputs], {INPUT_NAME: batch})
+        return np.asarray(logits, dtype=np.float32), [np.asarray(block, dtype=np.float32) for block in statistics]
 
 
 def run_onnx_file(run: RunFolder, remake: bool = False) -> Path:

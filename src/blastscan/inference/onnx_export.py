@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from blastscan.errors import ConfigError
-from blastscan.inference.onnx_backend import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
-from blastscan.inference.torch_backend import has_feature_head, pooled_features
+from blastscan.inference.onnx_backend import FEATURES_PREFIX, INPUT_NAME, OUTPUT_NAME
+from blastscan.inference.torch_backend import has_feature_head, logits_and_block_statistics
 
 #: The ONNX opset: 17 is read by every ONNX Runtime since 1.11 and by ONNX Runtime Mobile.
 OPSET = 17
@@ -38,28 +38,31 @@ def _temporary_beside(path: Path) -> Path:
     return Path(name)
 
 
-class _LogitsAndFeatures(nn.Module):
-    """A timm-style network with its pooled features as a second output (the in-distribution score needs them)."""
+class _LogitsAndStatistics(nn.Module):
+    """A timm-style network with its per-stage feature statistics as further outputs (the in-distribution score)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = pooled_features(self.model, x)
-        return self.model.get_classifier()(features), features
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, statistics = logits_and_block_statistics(self.model, x)
+        return (logits, *statistics)
 
 
 def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
     """`model` as a float32 ONNX file at `path`: input `image` (N, 3, S, S) normalised, outputs `logits` (N, 2)
-    and, for networks that expose them, `features` (N, D) pooled penultimate features."""
+    and, for networks that expose their stages, `features_0`, `features_1`, ... (per-stage feature statistics)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A copy: the caller's module (a TorchPredictor's, in channels_last, maybe on a GPU) is left as it was.
     model = copy.deepcopy(model).eval().to("cpu", memory_format=torch.contiguous_format)
     outputs = [OUTPUT_NAME]
     if has_feature_head(model):
-        model, outputs = _LogitsAndFeatures(model).eval(), [OUTPUT_NAME, FEATURES_NAME]
+        with torch.no_grad():
+            stages = len(logits_and_block_statistics(model, torch.zeros(1, 3, image_size, image_size))[1])
+        model = _LogitsAndStatistics(model).eval()
+        outputs = [OUTPUT_NAME, *(f"{FEATURES_PREFIX}{i}" for i in range(stages))]
     example = torch.zeros(2, 3, image_size, image_size)
     part = _temporary_beside(path)
     try:

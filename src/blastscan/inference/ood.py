@@ -1,18 +1,21 @@
 """In-distribution scores: how unlike the training cells an image looks to the network, and when to say so.
 
-`OodProfile` is fitted once per run on the training split's penultimate features and logits (`fit`), its flag
-threshold set on the validation split (the `percentile`-th percentile of validation scores, so about 1% of
-in-distribution images are flagged by design), and stored in the run folder. Every backend's `Predictor` computes
-the score from the same two arrays, so torch and ONNX Runtime flag the same images. Higher scores mean "less like
-the training data".
+`OodProfile` is fitted once per run on the training split's feature statistics (`fit`), its flag threshold set on
+the validation split (the `percentile`-th percentile of validation scores, so about 1% of in-distribution images
+are flagged by design), and stored in the run folder. The features are, per network stage, each channel's spatial
+mean and standard deviation (`torch_backend.logits_and_block_statistics`; the ONNX export's `features_*` outputs),
+so torch and ONNX Runtime flag the same images. Higher scores mean "less like the training data".
 
 Methods (`OOD_METHODS`), all in NumPy so that the torch-free install scores them:
-- "mahalanobis": the smallest class-conditional Mahalanobis distance of the features to the class means, with one
-  covariance shared by the classes (Lee et al. 2018), shrunk by Ledoit-Wolf because the features have more
-  dimensions (1,280 for Lite0) than a small training split has images for a plain estimate.
+- "mahalanobis": per stage, the smallest class-conditional Mahalanobis distance to the class means with one
+  covariance shared by the classes, shrunk by Ledoit-Wolf (stages have up to 2,048 statistics, more than a small
+  training split has images for a plain estimate); each stage's distance is standardised by its validation mean and
+  spread, and the stages are summed: the feature ensemble of Lee et al. 2018, without their OOD-tuned weights.
+  Early stages see stain, texture and scale, which the classifier's last layer learns to ignore.
+- "mahalanobis-last": the same on the last stage alone, what most toolkits do.
 - "energy": the free energy of the logits, -logsumexp(z) (Liu et al. 2020): needs no features.
 - "msp": one minus the maximum softmax probability (Hendrycks & Gimpel 2017), the usual baseline.
-Which one a run uses is `method`; `blastscan evaluate-ood` measures them all side by side.
+Which one a run flags with is `method`; `blastscan evaluate-ood` measures them all side by side.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 
 from blastscan.errors import ConfigError
 
-OOD_METHODS = ("mahalanobis", "energy", "msp")
+OOD_METHODS = ("mahalanobis", "mahalanobis-last", "energy", "msp")
 #: The method a new profile flags with: the one `blastscan evaluate-ood` measured best (README, "When blastscan
 #: says review").
 DEFAULT_OOD_METHOD = "mahalanobis"
@@ -65,8 +68,12 @@ class OodProfile:
 
     method: str = DEFAULT_OOD_METHOD
     percentile: float = DEFAULT_PERCENTILE
-    means_: np.ndarray | None = None
-    precision_: np.ndarray | None = None
+    #: Per stage: the class means (classes, D), the shared precision (D, D), and the validation distances' mean and
+    #: standard deviation that standardise the stage before the stages are summed.
+    means_: list[np.ndarray] = field(default_factory=list)
+    precisions_: list[np.ndarray] = field(default_factory=list)
+    loc_: np.ndarray | None = None
+    scale_: np.ndarray | None = None
     thresholds_: dict[str, float] = field(default_factory=dict)
     fitted_on_: dict[str, Any] = field(default_factory=dict)
 
@@ -80,56 +87,82 @@ class OodProfile:
 
     def fit(
         self,
-        train_features: np.ndarray,
+        train_features: list[np.ndarray],
         train_targets: np.ndarray,
-        val_features: np.ndarray,
+        val_features: list[np.ndarray],
         val_logits: np.ndarray,
     ) -> OodProfile:
-        """Class means and Ledoit-Wolf shared covariance from the training split; every method's flag threshold
-        from the validation split's scores."""
+        """Per stage, class means and a Ledoit-Wolf shared covariance from the training split; the stage
+        standardisation and every method's flag threshold from the validation split."""
         from sklearn.covariance import LedoitWolf  # only fitting needs it; scoring is plain NumPy
 
-        features = np.asarray(train_features, dtype=np.float64)
         targets = np.asarray(train_targets)
         classes = np.unique(targets)
-        if len(features) != len(targets) or len(classes) < 1 or len(features) < 3:
+        if not train_features or any(len(stage) != len(targets) for stage in train_features) or len(targets) < 3:
             raise ConfigError(
-                f"an in-distribution profile needs training features with a label each; got {len(features)} "
-                f"feature rows and {len(targets)} labels"
+                f"an in-distribution profile needs per-stage training features with a label each; got "
+                f"{[len(stage) for stage in train_features]} feature rows and {len(targets)} labels"
             )
-        self.means_ = np.stack([features[targets == c].mean(axis=0) for c in classes])
-        centred = features - self.means_[np.searchsorted(classes, targets)]
-        self.precision_ = LedoitWolf(assume_centered=True).fit(centred).precision_
+        self.means_, self.precisions_ = [], []
+        for stage in train_features:
+            features = np.asarray(stage, dtype=np.float64)
+            means = np.stack([features[targets == c].mean(axis=0) for c in classes])
+            centred = features - means[np.searchsorted(classes, targets)]
+            self.means_.append(means)
+            self.precisions_.append(LedoitWolf(assume_centered=True).fit(centred).precision_)
+        distances = self._stage_distances(val_features)
+        self.loc_ = distances.mean(axis=1)
+        self.scale_ = np.maximum(distances.std(axis=1), 1e-12)
         val = {method: self.scores(val_features, val_logits, method) for method in OOD_METHODS}
         self.thresholds_ = {method: float(np.percentile(s, self.percentile)) for method, s in val.items()}
-        self.fitted_on_ = {"train_images": len(features), "val_images": len(val_logits)}
+        self.fitted_on_ = {
+            "train_images": len(targets),
+            "val_images": len(val_logits),
+            "stages": [int(m.shape[1]) for m in self.means_],
+        }
         return self
 
     # ------------------------------------------------------------------------------------------------ scoring
 
     @property
     def fitted(self) -> bool:
-        return self.means_ is not None and bool(self.thresholds_)
+        return bool(self.means_) and bool(self.thresholds_)
 
     @property
     def threshold(self) -> float:
         """The flag threshold of `method`."""
         return float(self.thresholds_[self.method])
 
-    def scores(self, features: np.ndarray | None, logits: np.ndarray, method: str | None = None) -> np.ndarray:
-        """(N,) scores by `method` (default: the profile's); NaN for Mahalanobis when there are no features."""
+    def _stage_distances(self, features: list[np.ndarray]) -> np.ndarray:
+        """(stages, N) Mahalanobis distances of each stage's statistics."""
+        if len(features) != len(self.means_):
+            raise ConfigError(
+                f"the model gives {len(features)} feature stages but the in-distribution profile was fitted on "
+                f"{len(self.means_)}; delete ood.safetensors to refit it for these weights"
+            )
+        return np.stack(
+            [mahalanobis_score(f, m, p) for f, m, p in zip(features, self.means_, self.precisions_, strict=True)]
+        )
+
+    def scores(self, features: list[np.ndarray] | None, logits: np.ndarray, method: str | None = None) -> np.ndarray:
+        """(N,) scores by `method` (default: the profile's); NaN for the Mahalanobis methods without features."""
         method = method or self.method
         if method == "energy":
             return energy_score(logits)
         if method == "msp":
             return msp_score(logits)
-        if method != "mahalanobis":
+        if method not in ("mahalanobis", "mahalanobis-last"):
             raise ConfigError(f"OOD method {method!r}: choose one of {', '.join(OOD_METHODS)}")
-        if self.means_ is None or self.precision_ is None:
+        if not self.means_:
             raise ConfigError("the in-distribution profile is not fitted; call fit() first")
         if features is None:
             return np.full(len(logits), np.nan)
-        return mahalanobis_score(features, self.means_, self.precision_)
+        distances = self._stage_distances(features)
+        if method == "mahalanobis-last":
+            return distances[-1]
+        if self.loc_ is None or self.scale_ is None:  # while fitting: the stages are not standardised yet
+            return distances.sum(axis=0)
+        return ((distances - self.loc_[:, None]) / self.scale_[:, None]).sum(axis=0)
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         """True where a score is above the validation-chosen threshold (NaN scores are never flagged)."""
@@ -138,7 +171,7 @@ class OodProfile:
 
     @property
     def needs_features(self) -> bool:
-        return self.method == "mahalanobis"
+        return self.method.startswith("mahalanobis")
 
     # -------------------------------------------------------------------------------------------- persistence
 
@@ -155,9 +188,13 @@ class OodProfile:
             "percentile": self.percentile,
             "thresholds": self.thresholds_,
             "fitted_on": self.fitted_on_,
+            "stages": len(self.means_),
+            "loc": np.asarray(self.loc_).tolist(),
+            "scale": np.asarray(self.scale_).tolist(),
         }
         part = path.with_name(path.name + ".part")
-        arrays = {"means": self.means_.astype(np.float32), "precision": self.precision_.astype(np.float32)}
+        arrays = {f"means_{i}": m.astype(np.float32) for i, m in enumerate(self.means_)}
+        arrays |= {f"precision_{i}": p.astype(np.float32) for i, p in enumerate(self.precisions_)}
         save_file(arrays, str(part), metadata={"blastscan_ood": json.dumps(header)})
         part.replace(path)  # never a half-written profile where a reader would take it for a finished one
         return path
@@ -171,7 +208,9 @@ class OodProfile:
         try:
             with safe_open(str(path), framework="numpy") as handle:
                 header = json.loads((handle.metadata() or {})["blastscan_ood"])
-                means, precision = handle.get_tensor("means"), handle.get_tensor("precision")
+                stages = range(int(header["stages"]))
+                means = [handle.get_tensor(f"means_{i}").astype(np.float64) for i in stages]
+                precisions = [handle.get_tensor(f"precision_{i}").astype(np.float64) for i in stages]
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such in-distribution profile") from None
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
@@ -180,8 +219,8 @@ class OodProfile:
                 "it is fitted again from the run's training split"
             ) from None
         profile = cls(method=header["method"], percentile=float(header["percentile"]))
-        profile.means_ = means.astype(np.float64)
-        profile.precision_ = precision.astype(np.float64)
+        profile.means_, profile.precisions_ = means, precisions
+        profile.loc_, profile.scale_ = np.asarray(header["loc"]), np.asarray(header["scale"])
         profile.thresholds_ = {k: float(v) for k, v in header["thresholds"].items()}
         profile.fitted_on_ = header.get("fitted_on", {})
         return profile

@@ -47,8 +47,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def has_feature_head(model: nn.Module) -> bool:
-    """True when `model` splits like a timm network: forward_features -> forward_head(pre_logits) -> classifier."""
-    return all(callable(getattr(model, name, None)) for name in ("forward_features", "forward_head", "get_classifier"))
+    """True when `model` splits like a timm network: forward_intermediates (every stage's map) -> forward_head."""
+    return all(callable(getattr(model, name, None)) for name in ("forward_intermediates", "forward_head"))
+
+
+def logits_and_block_statistics(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and, per network stage, each channel's spatial mean and standard deviation (N, 2 x channels), in
+    one pass (timm's `forward_intermediates` then `forward_head`).
+
+    These statistics are what the in-distribution profile reads (`blastscan.inference.ood`): the early stages carry
+    stain, texture and magnification, which the classifier's last layer has learned to ignore."""
+    final, maps = model.forward_intermediates(batch)
+    statistics = [torch.cat([m.mean(dim=(2, 3)), m.std(dim=(2, 3), correction=0)], dim=1) for m in maps]
+    return model.forward_head(final), statistics
 
 
 def pooled_features(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -138,20 +149,19 @@ class TorchPredictor(Predictor):
         return views[0], views.mean(dim=0)
 
     @torch.inference_mode()
-    def forward_with_features(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits, pooled penultimate features) of a normalised batch in one pass; features are None for a
-        network without timm's forward_features / forward_head / get_classifier."""
+    def forward_with_statistics(self, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """(logits, per-stage feature statistics) of a normalised batch in one pass (`logits_and_block_statistics`);
+        None for a network without timm's forward_intermediates / forward_head."""
         if not has_feature_head(self.model):
             return self.forward(batch, tta=False), None
         with self._autocast():
-            features = pooled_features(self.model, batch)
-            logits = self.model.get_classifier()(features)
-        return logits.float(), features.float()
+            logits, statistics = logits_and_block_statistics(self.model, batch)
+        return logits.float(), [block.float() for block in statistics]
 
-    def outputs_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(n, 2) float32 logits and (n, D) pooled features of one batch of prepared uint8 images."""
-        logits, features = self.forward_with_features(self.to_input(images))
-        return logits.cpu().numpy(), None if features is None else features.cpu().numpy()
+    def outputs_of_batch(self, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """(n, 2) float32 logits and the per-stage feature statistics of one batch of prepared uint8 images."""
+        logits, statistics = self.forward_with_statistics(self.to_input(images))
+        return logits.cpu().numpy(), None if statistics is None else [block.cpu().numpy() for block in statistics]
 
     def logits_of_batch(self, images: np.ndarray) -> np.ndarray:
         """(n, 2) float32 logits of one batch of prepared uint8 images."""

@@ -102,6 +102,17 @@ class BlastscanCNN(nn.Module):
         """The last feature map, (N, num_features, H/16, W/16)."""
         return self.features(x)
 
+    def forward_intermediates(
+        self, x: torch.Tensor, intermediates_only: bool = False
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every block's output feature map, as timm's `forward_intermediates`: with `intermediates_only` the list,
+        else (the last feature map, the list)."""
+        maps = []
+        for block in self.features:
+            x = block(x)
+            maps.append(x)
+        return maps if intermediates_only else (x, maps)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x).flatten(1)
         return x if pre_logits else self.head(x)

@@ -28,6 +28,7 @@ from blastscan.errors import ConfigError
 from blastscan.evaluation import figures
 from blastscan.evaluation.metrics import abstention_gain_with_ci, score_auroc_with_ci, selective_accuracy
 from blastscan.inference import Predictor, calibrated_threshold, probabilities
+from blastscan.inference.core import join_stages
 from blastscan.inference.ood import OOD_METHODS, OodProfile
 from blastscan.runs import RunFolder, write_json
 from blastscan.training.config import DataConfig
@@ -48,7 +49,7 @@ class ImageSet:
 
     name: str
     logits: np.ndarray
-    features: np.ndarray | None
+    features: list[np.ndarray] | None
     targets: np.ndarray | None = None
     patients: np.ndarray | None = None
     kind: str = "dataset"  # "in-domain", "dataset", "synthetic" or "non-cell"
@@ -96,7 +97,7 @@ def _arrays_set(predictor: Predictor, name: str, images: list[np.ndarray], kind:
         logits.append(batch_logits)
         if batch_features is not None:
             features.append(batch_features)
-    return ImageSet(name, np.concatenate(logits), np.concatenate(features) if features else None, kind=kind)
+    return ImageSet(name, np.concatenate(logits), join_stages(features), kind=kind)
 
 
 def _dataset_set(
