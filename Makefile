@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BLASTSCAN_DATA ?= ../shared/datasets
 export BLASTSCAN_DATA
+# Test processes (pytest-xdist; each test file stays on one worker, so its fixtures are built once).
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench clean
 
@@ -23,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/deptry src
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

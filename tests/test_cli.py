@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from blastscan.workflows.demo import DEMO_MARKER
+
 BLASTSCAN = [sys.executable, "-m", "blastscan"]
 
 
@@ -54,8 +56,13 @@ def test_bad_input_gets_one_line_error(tmp_path: Path) -> None:
 
 
 def test_demo_on_synthetic_data(tmp_path: Path) -> None:
+    # The folder holds an earlier demo (its marker and an old file): the demo replaces it.
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / DEMO_MARKER).write_text("an earlier demo\n")
+    (tmp_path / "demo" / "old.txt").write_text("from the earlier demo")
     result = run("demo", "--out", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tmp_path / "demo" / "old.txt").exists()
     assert "SYNTHETIC" in result.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert "SYNTHETIC" in summary["WARNING"]
@@ -67,8 +74,6 @@ def test_demo_on_synthetic_data(tmp_path: Path) -> None:
     assert "SYNTHETIC" in Path(summary["report"]).read_text()
     assert summary["export"]["checks_passed"] and (tmp_path / "demo" / "export" / "model.int8.onnx").is_file()
     assert "blastscan serve" in " ".join(result.stdout.split())
-    again = run("demo", "--out", str(tmp_path / "demo"), "--epochs", "1")  # a re-run replaces the old demo
-    assert again.returncode == 0, again.stdout + again.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     refused = run("demo", "--out", str(tmp_path / "mine"))

@@ -92,7 +92,7 @@ def test_cells_equal_the_predictor_in_process(service: str, analyzer: FieldAnaly
     assert body["threshold"] == analyzer.cell_threshold and body["disclaimer"] == DISCLAIMER
     # The out-of-distribution flag, as the predictor computes it in process.
     batch = next(analyzer.predictor.stream([str(p) for p in crops]))
-    np.testing.assert_allclose([c["ood_score"] for c in body["cells"]], batch.ood_score, rtol=1e-4)
+    np.testing.assert_allclose([c["ood_score"] for c in body["cells"]], batch.ood_score, rtol=1e-4, atol=1e-3)
     assert [c["out_of_distribution"] for c in body["cells"]] == batch.out_of_distribution.tolist()
     # One crop alone scores as it does among others.
     alone = _post_cells(service, crops[:1]).json()["cells"][0]["probability"]

@@ -111,15 +111,17 @@ def test_crossval_on_allidb2(allidb2_dir: Path, workdir: Path) -> None:
 
 def test_transfer_and_compare(allidb2_dir: Path, deepapl_subset: Path, workdir: Path, allidb2_run: Path) -> None:
     config = parse_config(tiny_tree(allidb2_dir, workdir, name="xfer") | {"trainer": {"max_epochs": 1}})
+    # One variant, the one that exercises everything (calibrated stain jitter, Reinhard, the mask); the others differ
+    # only in config keys, which tests/imaging and tests/training cover.
     result = transfer(
-        config, [str(allidb2_dir), str(deepapl_subset)], variants=["plain", "mask-reinhard-strong"], n_boot=50,
+        config, [str(allidb2_dir), str(deepapl_subset)], variants=["mask-reinhard-strong"], n_boot=50,
         explain_images=8,
     )  # fmt: skip
     table, out = result.table, result.out_dir
-    assert set(table["variant"]) == {"plain", "mask-reinhard-strong"}
+    assert set(table["variant"]) == {"mask-reinhard-strong"}
     assert set(table["test"]) == {"all-idb2", "deepapl"}
-    # Per variant: 2 own test splits + 2 external pairs, and the 2 leave-one-out rows (one model each side).
-    assert len(table) == 12 and table["external"].sum() == 8
+    # 2 own test splits + 2 external pairs, and the 2 leave-one-out rows (one model each side).
+    assert len(table) == 6 and table["external"].sum() == 4
     assert set(table["scheme"]) == {"single", "leave-one-out"}
     assert table["roc_auc"].between(0, 1).all() and (table.loc[table["external"], "roc_auc_ci"] != "").all()
     # The calibrated stain jitter was measured across both datasets and used by the strong variant's runs.
@@ -128,17 +130,19 @@ def test_transfer_and_compare(allidb2_dir: Path, deepapl_subset: Path, workdir: 
     assert strong.augment.stain_jitter == result.spread.sigma and strong.data.cell_focus == "mask"
     assert RunFolder(out / "deepapl-mask-reinhard-strong").model_card()["cell_focus"]["mode"] == "mask"
     models = result.models
-    assert len(models) == 4 and models["cell_removed_roc_auc"].between(0, 1).all()
+    assert len(models) == 2 and models["cell_removed_roc_auc"].between(0, 1).all()
     assert models["cam_in_cell"].dropna().between(0, 1).all()
     markdown = (out / "transfer.md").read_text()
     assert "Leave one dataset out" in markdown and "Grad-CAM energy in cell" in markdown
-    for name in ("transfer.csv", "models.csv", "transfer_plain_roc_auc.png", "transfer_external_roc_auc.png"):
+    for name in (
+        "transfer.csv", "models.csv", "transfer_mask-reinhard-strong_roc_auc.png", "transfer_external_roc_auc.png"
+    ):  # fmt: skip
         assert (out / name).is_file(), name
-    again = transfer(config, [str(allidb2_dir), str(deepapl_subset)], variants=["plain"], n_boot=50, audit=False,
-                     explain_images=0)  # fmt: skip
+    again = transfer(config, [str(allidb2_dir), str(deepapl_subset)], variants=["mask-reinhard-strong"], n_boot=50,
+                     audit=False, explain_images=0)  # fmt: skip
     np.testing.assert_allclose(  # finished runs are reused, not retrained
         again.table.sort_values(["scheme", "train", "test"])["roc_auc"],
-        table[table["variant"] == "plain"].sort_values(["scheme", "train", "test"])["roc_auc"],
+        table.sort_values(["scheme", "train", "test"])["roc_auc"],
     )
 
     evaluate_run(allidb2_run, n_boot=50)

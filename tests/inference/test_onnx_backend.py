@@ -57,7 +57,7 @@ def test_the_export_is_cached_by_the_weights_hash_and_remade_when_damaged(stain_
     assert isinstance(first, OnnxPredictor)
     cached = first.model_file
     assert cached.parent == run.path / RunFolder.ONNX_CACHE
-    assert cached.name == f"model-{run.weights_sha256()[:16]}.onnx"
+    assert cached.name == f"model-{run.weights_sha256()[:16]}-f.onnx"  # -f: the export with the feature outputs
     stamp = cached.stat().st_mtime_ns
     assert Predictor.from_run(stain_run, device="cpu").model_file == cached
     assert cached.stat().st_mtime_ns == stamp  # reused, not re-exported

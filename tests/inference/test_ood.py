@@ -102,3 +102,16 @@ def test_abstaining_on_the_least_certain_raises_accuracy_when_errors_are_the_unc
     assert gain["gain"] > 0 and gain["ci95"][0] > 0
     flat = abstention_gain_with_ci(correct, np.zeros(1000), 0.9, n_boot=50)
     assert abs(flat["gain"]) < 0.05  # no information in the ranking: no reliable gain
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 5)), min_size=2, max_size=60))
+def test_the_bootstrap_auroc_equals_sklearns_with_ties(pairs: list[tuple[int, int]]) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from blastscan.evaluation.metrics import _auroc_or_nan
+
+    y = np.array([label for label, _ in pairs])
+    s = np.array([score for _, score in pairs], dtype=float)
+    expected = roc_auc_score(y, s) if len(np.unique(y)) == 2 else float("nan")
+    assert _auroc_or_nan(y, s) == pytest.approx(expected, nan_ok=True)

@@ -222,19 +222,19 @@ def test_crops_are_scored_in_batches_of_few_shapes_with_the_same_scores(run: Pat
     size = predictor.image_size
     crops = np.random.default_rng(0).integers(0, 256, (SCORE_BATCH + 3, size, size, 3), dtype=np.uint8)
     shapes = []
-    score_batch = predictor.predict_prepared
+    score_batch = predictor.score_prepared_batch
 
-    def recorded(images: np.ndarray) -> np.ndarray:
+    def recorded(images: np.ndarray, *args: object, **kwargs: object) -> object:
         shapes.append(images.shape)
-        return score_batch(images)
+        return score_batch(images, *args, **kwargs)
 
-    predictor.predict_prepared = recorded  # type: ignore[method-assign]
+    predictor.score_prepared_batch = recorded  # type: ignore[method-assign]
     scores = analyzer.score(crops)
     assert shapes == [(SCORE_BATCH, size, size, 3), (4, size, size, 3)]  # the rest padded to a power of two
     shapes.clear()
     analyzer.score(crops[:1])
     assert shapes == [(1, size, size, 3)]  # one crop, one forward of one
-    assert scores == pytest.approx(score_batch(crops), abs=1e-6)
+    assert scores == pytest.approx(predictor.predict_prepared(crops), abs=1e-6)
     assert analyzer.score(crops[:0]).shape == (0,)
 
 

@@ -3,7 +3,8 @@
 A model's threshold is chosen on its own validation split; on another laboratory's images the scores shift and the
 threshold no longer gives the specificity it gave at home. A site that labels a few dozen of its own cells gets
 a profile of its own: the threshold that reaches the target specificity on that sample, and a temperature fitted
-on it. The run's own operating points stay as they were; `predict`, `analyze` and `serve` take `--site NAME`.
+on it (applied only when it lowers the sample's calibration error, as for the run's own). The run's own operating
+points stay as they were; `predict`, `analyze` and `serve` take `--site NAME`.
 
 How far the operating point moved is reported with bootstrap CIs over the sample. With `sample_size`, the sample
 is drawn from a larger labelled set (stratified by class) and everything else - every cell not in the sample, and
@@ -31,7 +32,6 @@ from blastscan.data.scan import load_or_scan
 from blastscan.errors import ConfigError, DatasetError
 from blastscan.evaluation.metrics import (
     bootstrap_ci,
-    fit_temperature,
     sensitivity_at_specificity,
     threshold_for_specificity,
     youden_threshold,
@@ -40,7 +40,7 @@ from blastscan.inference import Predictor, probabilities
 from blastscan.runs import RunFolder, check_site_name, write_json
 from blastscan.training.config import DataConfig
 from blastscan.workflows.evaluate import dataset_name
-from blastscan.workflows.thresholds import ensure_operating_points
+from blastscan.workflows.thresholds import calibration_temperature, ensure_operating_points
 
 THRESHOLD_METHODS = ("empirical", "gaussian")
 #: A sample must hold at least this many cells of each class to fit anything.
@@ -188,7 +188,8 @@ def calibrate_site(
         draws.append((sample, fitted, held))
 
     sample, fitted, held = draws[0]
-    temperature = fit_temperature(logits[sample], y[sample])
+    calibration = calibration_temperature(logits[sample], y[sample])
+    temperature = calibration["temperature"]
     boot = bootstrap_ci(
         y[sample], p_raw[sample], lambda a, b: _threshold_of_probabilities(a, b, target_specificity, method),
         n_boot=n_boot, seed=seed,
@@ -199,7 +200,7 @@ def calibrate_site(
         "threshold": fitted,
         "threshold_95_specificity": fitted if target_specificity == 0.95 else None,
         "target_specificity": float(target_specificity),
-        "temperature": temperature,
+        **calibration,
         "method": method,
         "youden_threshold": youden_threshold(y[sample], p_raw[sample]),
         "chosen_on": f"site sample of {len(sample)} labelled cells from {data} ({method} threshold at "

@@ -48,7 +48,7 @@ from blastscan.inference import Predictor, probabilities
 from blastscan.runs import RunFolder, write_json
 from blastscan.training.config import DataConfig, TrainConfig
 from blastscan.workflows.in_distribution import ensure_ood_profile
-from blastscan.workflows.thresholds import record_operating_points
+from blastscan.workflows.thresholds import calibration_temperature, record_operating_points
 
 
 @dataclass
@@ -167,7 +167,14 @@ def evaluate_run(
     threshold = youden_threshold(validation.targets, p_val)
     threshold_95 = threshold_for_specificity(validation.targets, p_val, 0.95)
     temperature = fit_temperature(validation.logits, validation.targets)
-    record_operating_points(run, False, threshold, threshold_95, len(val_rows), temperature)
+    record_operating_points(
+        run,
+        False,
+        threshold,
+        threshold_95,
+        len(val_rows),
+        calibration_temperature(validation.logits, validation.targets),
+    )
 
     out_dir = run.eval_dir(dataset, split_name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +194,7 @@ def evaluate_run(
             threshold_tta,
             threshold_95_tta,
             len(val_rows),
-            fit_temperature(validation_tta.logits, validation_tta.targets),
+            calibration_temperature(validation_tta.logits, validation_tta.targets),
         )
         with clock("metrics"):
             tta_metrics = metrics_with_ci(

@@ -67,15 +67,14 @@ class OodEvaluation:
 def photograph_crops(n: int, size: int = 256, seed: int = 0) -> list[np.ndarray]:
     """`n` random square RGB crops (a quarter to all of the short side) of scikit-image's sample photographs."""
     rng = np.random.default_rng(seed)
-    photos = []
-    for name in PHOTOGRAPHS:
-        image = np.asarray(getattr(skimage_data, name)())
-        if image.ndim == 2:
-            image = np.stack([image] * 3, axis=-1)
-        photos.append(image[..., :3].astype(np.uint8))
+    photos: dict[str, np.ndarray] = {}
     crops = []
     for i in range(n):
-        photo = photos[i % len(photos)]
+        name = PHOTOGRAPHS[i % len(PHOTOGRAPHS)]
+        if name not in photos:  # loaded once, and only those used
+            image = np.asarray(getattr(skimage_data, name)())
+            photos[name] = (np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., :3]).astype(np.uint8)
+        photo = photos[name]
         height, width = photo.shape[:2]
         side = int(rng.integers(min(height, width) // 4, min(height, width) + 1))
         top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))

@@ -3,7 +3,9 @@
 `evaluate` records the thresholds it chooses; `predict` reads them, and chooses them itself (scoring the run's
 validation images) the first time a run without them is used. Thresholds never come from the data being scored.
 Thresholds are stored on the network's raw probabilities; the temperature (fitted on the same validation logits)
-rescales what a user reads without changing any call (`blastscan.inference.calibrated_threshold`).
+rescales what a user reads without changing any call (`blastscan.inference.calibrated_threshold`). Temperature
+scaling minimises the validation log-loss, which a few confidently wrong cells can dominate: when the fitted
+temperature makes the validation expected calibration error worse, it is recorded but not applied (temperature 1).
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from blastscan.errors import BlastscanError, ConfigError
-from blastscan.evaluation.metrics import fit_temperature, threshold_for_specificity, youden_threshold
+from blastscan.evaluation.metrics import (
+    expected_calibration_error,
+    fit_temperature,
+    threshold_for_specificity,
+    youden_threshold,
+)
 from blastscan.inference import Predictor, probabilities
 from blastscan.runs import RunFolder
 
@@ -20,18 +27,36 @@ def _key(tta: bool) -> str:
     return "tta" if tta else "plain"
 
 
+def calibration_temperature(logits: Any, targets: Any) -> dict[str, float]:
+    """The temperature to apply to a run's probabilities, from its validation logits: the NLL-fitted one when it
+    lowers the validation ECE, else 1 (both ECEs recorded)."""
+    fitted = fit_temperature(logits, targets)
+    raw = expected_calibration_error(targets, probabilities(logits))
+    scaled = expected_calibration_error(targets, probabilities(logits, fitted))
+    return {
+        "temperature": float(fitted) if scaled < raw else 1.0,
+        "temperature_fitted": float(fitted),
+        "validation_ece_raw": float(raw),
+        "validation_ece_scaled": float(scaled),
+    }
+
+
 def record_operating_points(
-    run: RunFolder, tta: bool, youden: float, spec95: float, n_images: int, temperature: float | None = None
+    run: RunFolder,
+    tta: bool,
+    youden: float,
+    spec95: float,
+    n_images: int,
+    calibration: dict[str, float] | None = None,
 ) -> None:
     """Store the validation-chosen Youden and 95%-specificity thresholds of plain or TTA scores, and the
-    temperature fitted on the same validation logits."""
+    calibration temperature chosen on the same validation logits (`calibration_temperature`)."""
     point: dict[str, Any] = {
         "threshold": float(youden),
         "threshold_95_specificity": float(spec95),
         "chosen_on": f"validation split ({n_images} images), Youden's J",
+        **(calibration or {}),
     }
-    if temperature is not None:
-        point["temperature"] = float(temperature)
     run.write_operating_points({_key(tta): point})
 
 
@@ -61,6 +86,6 @@ def ensure_operating_points(run: RunFolder, predictor: Predictor, tta: bool = Fa
         youden_threshold(targets, p_val),
         threshold_for_specificity(targets, p_val, 0.95),
         len(rows),
-        fit_temperature(logits, targets),
+        calibration_temperature(logits, targets),
     )
     return run.operating_points()[_key(tta)]
