@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BLASTSCAN_DATA ?= ../shared/datasets
 export BLASTSCAN_DATA
-# Test processes (pytest-xdist; each test file stays on one worker, so its fixtures are built once).
+# Test processes (pytest-xdist; an idle worker takes queued tests from a busy one, so the slow files overlap).
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench clean
@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/deptry src
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
