@@ -321,6 +321,28 @@ def evaluate_ood(
     console.print(f"wrote {result.out_dir} (ood.json, ood.md, ood_scores.png, selective_prediction.png)")
 
 
+@command(app)
+def patients(
+    data: Annotated[Path, typer.Option(help="Cells with patient_id, diagnosis, age, gender, cell_type (DeepAPL).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("patients"),
+    folds: Annotated[int, typer.Option(help="Stratified folds by patient.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Repeats of the K-fold split (other seeds).")] = 5,
+    positive: Annotated[str, typer.Option(help="The diagnosis called positive.")] = "APL",
+    images: Annotated[bool, typer.Option(help="Also the image models (ImageNet Lite0 cell embeddings).")] = True,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (patients) for the 95% intervals.")] = 1000,
+) -> None:
+    """Patient-level diagnosis from a patient's cells plus age and sex, compared by repeated cross-validation by
+    patient (thresholds chosen inside the training folds)."""
+    from blastscan.workflows.patients import patients as run_patients
+    from blastscan.workflows.patients import patients_markdown
+
+    result = run_patients(
+        data, out, folds=folds, repeats=repeats, positive=positive, images=images, n_boot=bootstrap, progress=say
+    )
+    console.print(patients_markdown(result.table, folds, repeats), highlight=False, markup=False)
+    console.print(f"wrote {result.out} (patients.md, patients.csv, scores.csv, patients.json)", highlight=False)
+
+
 def print_metrics(metrics: dict, title: str) -> None:
     """The headline metrics with their intervals."""
     table = Table(title=title)

@@ -109,9 +109,9 @@ def test_abstaining_on_the_least_certain_raises_accuracy_when_errors_are_the_unc
 def test_the_bootstrap_auroc_equals_sklearns_with_ties(pairs: list[tuple[int, int]]) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from blastscan.evaluation.metrics import _auroc_or_nan
+    from blastscan.evaluation.metrics import auroc_or_nan
 
     y = np.array([label for label, _ in pairs])
     s = np.array([score for _, score in pairs], dtype=float)
     expected = roc_auc_score(y, s) if len(np.unique(y)) == 2 else float("nan")
-    assert _auroc_or_nan(y, s) == pytest.approx(expected, nan_ok=True)
+    assert auroc_or_nan(y, s) == pytest.approx(expected, nan_ok=True)

@@ -633,7 +633,7 @@ def score_auroc_with_ci(
         }
     y = np.concatenate([np.zeros(len(inliers)), np.ones(len(outliers))])
     ranks = rankdata(scores) / len(scores)
-    ci = bootstrap_ci(y, ranks, _auroc_or_nan, n_boot=n_boot, seed=seed)
+    ci = bootstrap_ci(y, ranks, auroc_or_nan, n_boot=n_boot, seed=seed)
     return {
         "auroc": float(roc_auc_score(y, ranks)),
         "ci95": [ci.low, ci.high],
@@ -642,7 +642,8 @@ def score_auroc_with_ci(
     }
 
 
-def _auroc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+def auroc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC of scores `p` for 0/1 labels `y` (ties count half); NaN unless both classes are present."""
     # By hand (the Mann-Whitney U form, ties counted half, as roc_auc_score does): sklearn's input validation costs
     # ~8 ms a call, which a 1000-resample bootstrap of several image sets multiplies into minutes.
     positives = y == 1
