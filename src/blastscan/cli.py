@@ -330,6 +330,7 @@ def patients(
     positive: Annotated[str, typer.Option(help="The diagnosis called positive.")] = "APL",
     images: Annotated[bool, typer.Option(help="Also the image models (ImageNet Lite0 cell embeddings).")] = True,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (patients) for the 95% intervals.")] = 1000,
+    mil_epochs: Annotated[int, typer.Option(help="Training epochs of the attention-MIL models (fixed).")] = 30,
 ) -> None:
     """Patient-level diagnosis from a patient's cells plus age and sex, compared by repeated cross-validation by
     patient (thresholds chosen inside the training folds)."""
@@ -337,8 +338,9 @@ def patients(
     from blastscan.workflows.patients import patients_markdown
 
     result = run_patients(
-        data, out, folds=folds, repeats=repeats, positive=positive, images=images, n_boot=bootstrap, progress=say
-    )
+        data, out, folds=folds, repeats=repeats, positive=positive, images=images, n_boot=bootstrap, progress=say,
+        mil_epochs=mil_epochs,
+    )  # fmt: skip
     console.print(patients_markdown(result.table, folds, repeats), highlight=False, markup=False)
     console.print(f"wrote {result.out} (patients.md, patients.csv, scores.csv, patients.json)", highlight=False)
 

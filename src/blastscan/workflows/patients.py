@@ -3,9 +3,10 @@
 Reads a manifest (or dataset folder) whose cells carry `patient_id`, `diagnosis`, `age`, `gender`, `cell_type`,
 builds the patient bags, embeds every cell once with an ImageNet backbone (EfficientNet-Lite0 from the packaged
 weights: it never saw these patients' labels, so it needs no retraining inside the folds), and scores the models of
-`blastscan.patients.models` side by side: age alone, age and sex, the promyelocyte-share heuristic, mean-pooled
-image embeddings, and their late fusion. Writes `patients.csv` (the table), `patients.md`, `scores.csv` (each
-patient's mean out-of-fold probability per model) and `patients.json` to `out`.
+`blastscan.patients` side by side: age alone, age and sex, the promyelocyte-share heuristic, mean-pooled image
+embeddings and their late fusion with age and sex, and gated-attention MIL without and with the covariates. Writes
+`patients.csv` (the table), `patients.md`, `scores.csv` (each patient's mean out-of-fold probability per model)
+and `patients.json` to `out`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from blastscan.data.scan import load_or_scan
+from blastscan.patients.attention import AttentionMILModel
 from blastscan.patients.bags import PatientBags, patient_bags
 from blastscan.patients.crossval import patient_crossval
 from blastscan.patients.models import CellShareScore, ClinicalModel, LateFusion, MeanPooledModel
@@ -56,7 +58,7 @@ def cell_embeddings(bags: PatientBags, cache_dir: str | None = None, batch_size:
     )
 
 
-def model_factories(embeddings: np.ndarray | None) -> dict[str, Callable[[], Any]]:
+def model_factories(embeddings: np.ndarray | None, mil_epochs: int = 30) -> dict[str, Callable[[], Any]]:
     """The models compared, by name (the image models only when there are embeddings)."""
     models: dict[str, Callable[[], Any]] = {
         "age alone": lambda: ClinicalModel(columns=("age",)),
@@ -67,6 +69,10 @@ def model_factories(embeddings: np.ndarray | None) -> dict[str, Callable[[], Any
         image = lambda: MeanPooledModel(embeddings)  # noqa: E731 - a factory
         models["image, mean-pooled"] = image
         models["fusion: image + clinical"] = lambda: LateFusion(image)
+        models["image, attention MIL"] = lambda: AttentionMILModel(embeddings, epochs=mil_epochs)
+        models["fusion: attention MIL with age, sex"] = lambda: AttentionMILModel(
+            embeddings, clinical=True, epochs=mil_epochs
+        )
     return models
 
 
@@ -80,6 +86,7 @@ def patients(
     n_boot: int = 1000,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    mil_epochs: int = 30,
 ) -> PatientsResult:
     """Compare the patient-level models on `data` by repeated stratified cross-validation by patient."""
     say = progress or (lambda _: None)
@@ -91,7 +98,7 @@ def patients(
         say("embedding every cell (ImageNet EfficientNet-Lite0)")
         embeddings = cell_embeddings(bags)
     say(f"cross-validating: {folds} folds x {repeats} repeats")
-    result = patient_crossval(bags, model_factories(embeddings), folds, repeats, seed, n_boot)
+    result = patient_crossval(bags, model_factories(embeddings, mil_epochs), folds, repeats, seed, n_boot)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result.table.to_csv(out / "patients.csv", index=False)
