@@ -83,7 +83,7 @@ def test_review_ood_sends_photographs_to_a_person(stain_run: Path, tmp_path: Pat
 
 
 def test_evaluate_ood_measures_every_method_against_other_sets(stain_run: Path, deepapl_dir: Path) -> None:
-    result = evaluate_ood(stain_run, out_data=[deepapl_dir], synthetic=12, photographs=24, max_images=48, n_boot=50)
+    result = evaluate_ood(stain_run, out_data=[deepapl_dir], synthetic=6, photographs=18, max_images=30, n_boot=30)
     report = json.loads((result.out_dir / "ood.json").read_text())
     sets = report["detection"]
     assert set(sets) == {"all-idb2 test", "deepapl", "synthetic cells", "non-cell photographs"}
