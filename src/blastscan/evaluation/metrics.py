@@ -642,6 +642,14 @@ def score_auroc_with_ci(
     }
 
 
+def sensitivity_specificity(y: ArrayLike, called: ArrayLike) -> tuple[float, float]:
+    """(sensitivity, specificity) of boolean calls against 0/1 labels; NaN for a class that is absent."""
+    y, called = np.asarray(y), np.asarray(called, dtype=bool)
+    sensitivity = float(called[y == 1].mean()) if (y == 1).any() else float("nan")
+    specificity = float((~called[y == 0]).mean()) if (y == 0).any() else float("nan")
+    return sensitivity, specificity
+
+
 def auroc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
     """AUROC of scores `p` for 0/1 labels `y` (ties count half); NaN unless both classes are present."""
     # By hand (the Mann-Whitney U form, ties counted half, as roc_auc_score does): sklearn's input validation costs

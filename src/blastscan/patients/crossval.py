@@ -20,7 +20,7 @@ from scipy.stats import rankdata
 from sklearn.model_selection import StratifiedKFold
 
 from blastscan.errors import ConfigError
-from blastscan.evaluation.metrics import auroc_or_nan, bootstrap_ci, youden_threshold
+from blastscan.evaluation.metrics import auroc_or_nan, bootstrap_ci, sensitivity_specificity, youden_threshold
 from blastscan.patients.bags import PatientBags
 from blastscan.patients.models import out_of_fold
 
@@ -40,8 +40,7 @@ class CrossvalResult:
 
 
 def _rates(y: np.ndarray, called: np.ndarray) -> tuple[float, float, float]:
-    sensitivity = float(called[y == 1].mean()) if (y == 1).any() else float("nan")
-    specificity = float((~called[y == 0]).mean()) if (y == 0).any() else float("nan")
+    sensitivity, specificity = sensitivity_specificity(y, called)
     return sensitivity, specificity, (sensitivity + specificity) / 2
 
 

@@ -33,6 +33,7 @@ from blastscan.errors import ConfigError, DatasetError
 from blastscan.evaluation.metrics import (
     bootstrap_ci,
     sensitivity_at_specificity,
+    sensitivity_specificity,
     threshold_for_specificity,
     youden_threshold,
 )
@@ -98,10 +99,7 @@ def held_out_rows(n: int, sample: np.ndarray, patients: np.ndarray | None) -> np
 
 
 def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float]:
-    called = p >= threshold
-    sensitivity = float(np.mean(called[y == 1])) if np.any(y == 1) else float("nan")
-    specificity = float(np.mean(~called[y == 0])) if np.any(y == 0) else float("nan")
-    return sensitivity, specificity
+    return sensitivity_specificity(y, p >= threshold)
 
 
 def _rates_with_ci(
