@@ -72,6 +72,25 @@ def say(text: str) -> None:
     console.print(f"[bold]>[/] {text}", highlight=False)
 
 
+class _SayHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        say(record.getMessage())
+
+
+@contextmanager
+def library_log(name: str) -> Iterator[None]:
+    """Show the library logger `name`'s INFO lines as progress lines while the block runs."""
+    logger, handler = logging.getLogger(name), _SayHandler()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 #: `--device` on every command that runs a model.
 DeviceOption = Annotated[
     str, typer.Option(help="Where the model runs: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.")
@@ -213,7 +232,8 @@ def train(
         loaded = load_config(config, overrides)
     else:
         raise BlastscanError("pass --config configs/<name>.yaml, or --resume runs/<name>")
-    result = train_run(loaded, resume=resume is not None, progress_bar=progress, run_dir=resume)
+    with library_log("blastscan.training"):  # which data path the run takes, and why
+        result = train_run(loaded, resume=resume is not None, progress_bar=progress, run_dir=resume)
     best = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
     stop = "stopped early" if result.stopped_early else "ran all epochs"
     console.print(
@@ -331,18 +351,46 @@ def patients(
     images: Annotated[bool, typer.Option(help="Also the image models (ImageNet Lite0 cell embeddings).")] = True,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (patients) for the 95% intervals.")] = 1000,
     mil_epochs: Annotated[int, typer.Option(help="Training epochs of the attention-MIL models (fixed).")] = 30,
+    final: Annotated[
+        str,
+        typer.Option(
+            help="The model fitted on every patient and saved to OUT/model: a model name from the table, 'auto' "
+            "(image, mean-pooled; clinical with --no-images) or 'none'."
+        ),
+    ] = "auto",
+    gallery_cells: Annotated[int, typer.Option(help="Cells per patient in the attention galleries (0: none).")] = 8,
+    predict: Annotated[
+        Path | None,
+        typer.Option(help="Apply this saved model (OUT/model of an earlier run) to the patients of --data instead."),
+    ] = None,
 ) -> None:
     """Patient-level diagnosis from a patient's cells plus age and sex, compared by repeated cross-validation by
-    patient (thresholds chosen inside the training folds)."""
+    patient (thresholds chosen inside the training folds); with --predict, a saved model scores a new cohort."""
     from blastscan.workflows.patients import patients as run_patients
-    from blastscan.workflows.patients import patients_markdown
+    from blastscan.workflows.patients import patients_markdown, predict_patients
 
+    if predict is not None:
+        scored = predict_patients(predict, data, out, n_boot=bootstrap, progress=say)
+        console.print(scored.table.to_string(index=False), highlight=False, markup=False)
+        if scored.metrics is not None:
+            m = scored.metrics
+            console.print(
+                f"AUROC {m['auroc']:.3f} ({m['auroc_ci'][0]:.3f}-{m['auroc_ci'][1]:.3f}), sensitivity "
+                f"{m['sensitivity']:.3f}, specificity {m['specificity']:.3f} over {m['patients']} patients"
+            )
+        console.print(f"wrote {scored.out} (predictions.csv{', metrics.json' if scored.metrics else ''})")
+        return
     result = run_patients(
         data, out, folds=folds, repeats=repeats, positive=positive, images=images, n_boot=bootstrap, progress=say,
-        mil_epochs=mil_epochs,
+        mil_epochs=mil_epochs, final=None if final == "none" else final, gallery_cells=gallery_cells,
     )  # fmt: skip
     console.print(patients_markdown(result.table, folds, repeats), highlight=False, markup=False)
-    console.print(f"wrote {result.out} (patients.md, patients.csv, scores.csv, patients.json)", highlight=False)
+    saved = f", model/ ({final})" if result.final_model else ""
+    console.print(
+        f"wrote {result.out} (patients.md, patients.csv, scores.csv, patients.json, patients.png, calibration.png"
+        f"{', galleries/' if (result.out / 'galleries').is_dir() else ''}{saved})",
+        highlight=False,
+    )
 
 
 def print_metrics(metrics: dict, title: str) -> None:

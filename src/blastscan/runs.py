@@ -17,6 +17,10 @@ runs/<name>/
   ood.safetensors        the in-distribution profile: training features' class means and precision, flag thresholds
   sites/<name>.json      site profiles (`blastscan calibrate`): threshold and temperature refitted on a site's sample
 
+`PatientModelFolder` is the folder `blastscan patients` saves its final patient-level model in (model/ of its
+output): patient_model.safetensors (arrays, and the model description as JSON in its metadata) and
+patient_model.json (the same description, for people).
+
 `ExportFolder` is the same for the folder `blastscan export` writes (model.onnx, model.int8.onnx,
 preprocessing.json, MODEL_CARD.md, parity.json). This module imports no torch (the slim deployment install reads
 run and export folders); the methods that need it (`config`, `load_model`, `write_weights`) import it when called.
@@ -521,3 +525,53 @@ class ExportFolder:
                 f"not {self.FORMAT!r}; re-export the model with this version of blastscan"
             )
         return spec
+
+
+class PatientModelFolder:
+    """The saved patient-level model of `blastscan patients` (see the module docstring)."""
+
+    WEIGHTS = "patient_model.safetensors"
+    CARD = "patient_model.json"
+    METADATA_KEY = "blastscan_patient_model"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / self.WEIGHTS
+
+    @property
+    def card_path(self) -> Path:
+        return self.path / self.CARD
+
+    def write(self, description: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
+        """The model: `arrays` as tensors, `description` as JSON in the file's metadata and beside it."""
+        from safetensors.numpy import save_file
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        part = self.weights_path.with_name(self.WEIGHTS + ".part")
+        tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        save_file(tensors, str(part), metadata={self.METADATA_KEY: json.dumps(jsonable(description))})
+        part.replace(self.weights_path)  # never a half-written model where a reader would take it for a finished one
+        write_json(self.card_path, description)
+        return self.path
+
+    def read(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(description, arrays) of a model `write` saved (nothing is unpickled)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.weights_path), framework="numpy") as handle:
+                description = json.loads((handle.metadata() or {})[self.METADATA_KEY])
+                arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{self.path}: no {self.WEIGHTS}; pass the model/ folder that `blastscan patients --out DIR` wrote"
+            ) from None
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+            raise ConfigError(
+                f"{self.weights_path}: not a readable patient model ({type(exc).__name__}: {exc}); the file is "
+                "damaged or half-written - run `blastscan patients` again to save it"
+            ) from None
+        return description, arrays

@@ -5,38 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from blastscan.cli import app
 from blastscan.data.manifest import Manifest
-from blastscan.data.scan import load_or_scan
 from blastscan.errors import DatasetError
 from blastscan.evaluation.metrics import auroc_or_nan
 from blastscan.patients.attention import AttentionMILModel
 from blastscan.patients.bags import ClinicalEncoder, patient_bags
 from blastscan.patients.crossval import patient_crossval
 from blastscan.patients.models import CellShareScore, ClinicalModel, LateFusion, MeanPooledModel
-
-
-def synthetic_manifest(n_patients: int = 40, cells: int = 6, seed: int = 0, missing_age: int = 3) -> Manifest:
-    """Patients whose diagnosis shows in age, in their promyelocyte share and in a 4-D cell embedding."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n_patients):
-        apl = i % 3 == 0
-        age = float(rng.normal(35 if apl else 60, 8))
-        for c in range(cells):
-            kind = "Promyelocyte" if rng.random() < (0.6 if apl else 0.1) else "Lymphocyte"
-            rows.append(
-                {
-                    "path": f"p{i:02d}/c{c}.jpg", "label": "normal", "patient_id": f"P{i:02d}", "group_id": f"P{i:02d}",
-                    "dataset": "synthetic-patients", "cell_type": kind, "diagnosis": "APL" if apl else "AML",
-                    "age": np.nan if i < missing_age else age, "gender": "Female" if rng.random() < 0.5 else "Male",
-                }
-            )  # fmt: skip
-    return Manifest(pd.DataFrame(rows), root=Path("."), format="csv")
+from patient_cohorts import synthetic_manifest
 
 
 def test_bags_hold_each_patients_cells_and_covariates_with_missing_values_counted() -> None:
@@ -72,23 +50,6 @@ def test_no_test_patient_is_ever_trained_on_and_known_signals_are_found() -> Non
     for model in ("age", "share", "image", "fusion"):
         assert table.loc[model, "auroc"] > 0.8, table
     assert ((table["auroc_ci"].str[0] <= table["auroc"]) & (table["auroc"] <= table["auroc_ci"].str[1])).all()
-
-
-def test_the_command_on_the_real_deepapl_cohort(deepapl_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "patients"
-    result = CliRunner().invoke(
-        app, ["patients", "--data", str(deepapl_dir), "--out", str(out), "--folds", "3", "--repeats", "1",
-              "--no-images", "--bootstrap", "50"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    table = pd.read_csv(out / "patients.csv")
-    assert set(table["model"]) == {"age alone", "clinical (age, sex)", "promyelocyte share"}
-    assert (table["patients"] == 82).all() and (table["positive_patients"] == 22).all()
-    assert "| promyelocyte share |" in (out / "patients.md").read_text()
-    scores = pd.read_csv(out / "scores.csv")
-    assert len(scores) == 82 and scores["label"].sum() == 22
-    manifest = load_or_scan(deepapl_dir)
-    assert patient_bags(manifest).missing == {"age": 0, "female": 0}
 
 
 def test_attention_weights_favour_the_cells_that_carry_the_signal() -> None:

@@ -483,3 +483,55 @@ def plot_selective_accuracy(curves: dict[str, list[dict[str, float]]], out: str 
     ax.legend(fontsize=8)
     ax.grid(alpha=GRID_ALPHA)
     return _save(fig, out)
+
+
+def plot_estimates_with_ci(
+    names: Sequence[str],
+    values: Sequence[float],
+    intervals: Sequence[Sequence[float]],
+    out: str | Path,
+    title: str,
+    xlabel: str,
+    reference: float | None = None,
+) -> Path:
+    """One row per model: the estimate as a dot with its 95% CI as a bar (a forest plot), an optional reference
+    line (e.g. chance, 0.5)."""
+    if not len(names):
+        return _placeholder(out, title, "no models to compare")
+    fig = Figure(figsize=(7, 1.2 + 0.45 * len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    rows = np.arange(len(names))[::-1]
+    low = np.array([ci[0] for ci in intervals], dtype=float)
+    high = np.array([ci[1] for ci in intervals], dtype=float)
+    estimate = np.asarray(values, dtype=float)
+    ax.errorbar(
+        estimate, rows, xerr=[np.clip(estimate - low, 0, None), np.clip(high - estimate, 0, None)], fmt="o",
+        color=POSITIVE_COLOR, ecolor="#4a5568", capsize=3,
+    )  # fmt: skip
+    for row, value in zip(rows, estimate, strict=True):
+        ax.annotate(f"{value:.3f}", (value, row), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    if reference is not None:
+        ax.axvline(reference, color="#a0aec0", linestyle="--", linewidth=1)
+    ax.set_yticks(rows, labels=list(names))
+    ax.set(title=title, xlabel=xlabel)
+    ax.grid(alpha=GRID_ALPHA, axis="x")
+    return _save(fig, out)
+
+
+def plot_reliability_curves(curves: dict[str, dict[str, np.ndarray]], out: str | Path, title: str) -> Path:
+    """Several models' reliability curves (from `metrics.reliability_curve`) on one diagram, empty bins skipped."""
+    if not curves:
+        return _placeholder(out, title, "no probabilistic models")
+    fig = Figure(figsize=(6, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#a0aec0", linewidth=1, label="perfect calibration")
+    for name, curve in curves.items():
+        filled = np.asarray(curve["counts"]) > 0
+        ax.plot(
+            np.asarray(curve["mean_predicted"])[filled], np.asarray(curve["observed_frequency"])[filled],
+            marker="o", markersize=4, label=name,
+        )  # fmt: skip
+    ax.set(title=title, xlabel="mean predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=GRID_ALPHA)
+    return _save(fig, out)

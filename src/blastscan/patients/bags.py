@@ -23,8 +23,8 @@ BAG_COLUMNS = ("patient_id", "diagnosis", "age", "gender", "cell_type")
 
 @dataclass
 class PatientBags:
-    """One row per patient: `patients` (IDs), `labels` (1 = positive diagnosis), `clinical` (age, gender as read),
-    `cells` (each patient's manifest row indices) and the manifest they index."""
+    """One row per patient: `patients` (IDs), `labels` (1 = positive diagnosis, -1 unknown), `clinical` (age,
+    gender as read), `cells` (each patient's manifest row indices) and the manifest they index."""
 
     patients: np.ndarray
     labels: np.ndarray
@@ -51,7 +51,9 @@ class PatientBags:
 
     def cell_type_shares(self, types: list[str] | None = None) -> pd.DataFrame:
         """(patients, types) share of each cell type among each patient's cells."""
-        kinds = self.manifest.table["cell_type"].astype(str).to_numpy()
+        table = self.manifest.table
+        kinds = (table["cell_type"] if "cell_type" in table.columns else pd.Series("unknown", table.index)).astype(str)
+        kinds = kinds.to_numpy()
         types = types if types is not None else sorted(set(kinds))
         shares = np.zeros((len(self), len(types)))
         for i, rows in enumerate(self.cells):
@@ -60,15 +62,21 @@ class PatientBags:
         return pd.DataFrame(shares, columns=types)
 
 
-def patient_bags(manifest: Manifest, positive: str = "APL") -> PatientBags:
-    """The patient bags of `manifest`; DatasetError naming what is missing when it cannot make them."""
+def patient_bags(manifest: Manifest, positive: str = "APL", labelled: bool = True) -> PatientBags:
+    """The patient bags of `manifest`; DatasetError naming what is missing when it cannot make them.
+
+    `labelled=False` (scoring a new cohort) needs only `patient_id`: an absent covariate column counts as missing
+    for every patient (imputed by the saved model), an absent or unknown diagnosis gives the label -1.
+    """
     table = manifest.table
-    absent = [c for c in BAG_COLUMNS if c not in table.columns]
+    required = BAG_COLUMNS if labelled else ("patient_id",)
+    absent = [c for c in required if c not in table.columns]
     if absent:
         raise DatasetError(
-            f"patient-level models need the manifest columns {', '.join(BAG_COLUMNS)}; missing {', '.join(absent)} "
+            f"patient-level models need the manifest columns {', '.join(required)}; missing {', '.join(absent)} "
             "(DeepAPL's reader fills them from master.csv; a lab CSV can carry them as columns)"
         )
+    table = table.assign(**{c: table[c] if c in table.columns else np.nan for c in BAG_COLUMNS})
     patients_col = table["patient_id"].astype(str)
     if (patients_col == "").any() or table["patient_id"].isna().any():
         raise DatasetError("some cells have no patient_id; every cell of a patient bag needs its patient")
@@ -77,12 +85,13 @@ def patient_bags(manifest: Manifest, positive: str = "APL") -> PatientBags:
     conflicting = table.groupby(patients_col)["diagnosis"].nunique()
     if (conflicting > 1).any():
         raise DatasetError(f"patients with more than one diagnosis: {conflicting[conflicting > 1].index[:5].tolist()}")
-    diagnoses = first["diagnosis"].astype(str)
-    labels = (diagnoses == positive).astype(int).to_numpy()
-    if labels.min() == labels.max():
+    diagnoses = first["diagnosis"]
+    labels = np.where(diagnoses.isna(), -1, (diagnoses.astype(str) == positive).astype(int)).astype(int)
+    if labelled and (labels.min() == labels.max() or labels.min() < 0):
+        found = sorted(diagnoses.dropna().astype(str).unique())
         raise DatasetError(
-            f"every patient's diagnosis is {'' if labels[0] else 'not '}{positive!r} "
-            f"(found {sorted(diagnoses.unique())}); pass the positive diagnosis with --positive"
+            f"cross-validation needs both {positive!r} and other diagnoses, every patient labelled (found {found}, "
+            f"{int((labels < 0).sum())} patients without a diagnosis); pass the positive diagnosis with --positive"
         )
     clinical = pd.DataFrame(
         {
@@ -109,6 +118,18 @@ class ClinicalEncoder:
         ages = clinical["age"].fillna(self.age_median_)
         self.age_mean_, self.age_std_ = float(ages.mean()), float(ages.std(ddof=0) or 1.0)
         return self
+
+    def state(self) -> dict[str, float]:
+        """The fitted imputation and scaling values (JSON-ready)."""
+        return {k: getattr(self, k) for k in ("age_median_", "female_mode_", "age_mean_", "age_std_")}
+
+    @classmethod
+    def from_state(cls, state: dict[str, float]) -> ClinicalEncoder:
+        """The encoder back from `state()`."""
+        encoder = cls()
+        for key, value in state.items():
+            setattr(encoder, key, float(value))
+        return encoder
 
     def transform(self, clinical: pd.DataFrame) -> np.ndarray:
         """(patients, 4): standardised age, female, age missing, sex missing."""

@@ -13,6 +13,7 @@ diagnosis, so that cross-validation treats them alike (`crossval`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -25,6 +26,23 @@ from blastscan.patients.bags import ClinicalEncoder, PatientBags
 
 #: The cell types the DeepAPL reader names for the heuristic.
 PROMYELOCYTE = "Promyelocyte"
+
+#: (settings, arrays): a fitted model as JSON-ready settings and named arrays (saved as safetensors, never pickled).
+State = tuple[dict[str, Any], dict[str, np.ndarray]]
+
+
+def logistic_arrays(model: LogisticRegression, prefix: str = "") -> dict[str, np.ndarray]:
+    """A fitted logistic regression's parameters as named arrays."""
+    return {f"{prefix}coef": model.coef_, f"{prefix}intercept": model.intercept_, f"{prefix}classes": model.classes_}
+
+
+def logistic_from_arrays(arrays: dict[str, np.ndarray], prefix: str = "") -> LogisticRegression:
+    """A logistic regression that predicts exactly as the one `logistic_arrays` saved (its fitted attributes set;
+    scikit-learn has no other pickle-free way back)."""
+    model = LogisticRegression()
+    model.coef_, model.intercept_ = arrays[f"{prefix}coef"], arrays[f"{prefix}intercept"]
+    model.classes_, model.n_features_in_ = arrays[f"{prefix}classes"], arrays[f"{prefix}coef"].shape[1]
+    return model
 
 
 class ClinicalModel:
@@ -46,9 +64,24 @@ class ClinicalModel:
     def predict_proba(self, bags: PatientBags) -> np.ndarray:
         return self.model_.predict_proba(self._features(bags))[:, 1]
 
+    def state(self) -> State:
+        """The fitted model as (settings, arrays)."""
+        return {"columns": list(self.columns), "encoder": self.encoder_.state()}, logistic_arrays(self.model_)
+
+    @classmethod
+    def from_state(cls, settings: dict[str, Any], arrays: dict[str, np.ndarray]) -> ClinicalModel:
+        """The fitted model back from `state()`."""
+        model = cls(settings["columns"])
+        model.encoder_ = ClinicalEncoder.from_state(settings["encoder"])
+        model.model_ = logistic_from_arrays(arrays)
+        return model
+
 
 class CellShareScore:
     """The share of `types` among each patient's cells (no fitting: a score to threshold)."""
+
+    #: A share, not a probability: calibration does not apply.
+    probabilistic = False
 
     def __init__(self, types: Sequence[str] = (PROMYELOCYTE,)) -> None:
         self.types = tuple(types)
@@ -61,6 +94,15 @@ class CellShareScore:
         present = [t for t in self.types if t in shares.columns]
         return shares[present].sum(axis=1).to_numpy() if present else np.zeros(len(bags))
 
+    def state(self) -> State:
+        """The heuristic's settings (nothing is fitted)."""
+        return {"types": list(self.types)}, {}
+
+    @classmethod
+    def from_state(cls, settings: dict[str, Any], arrays: dict[str, np.ndarray]) -> CellShareScore:
+        """The heuristic back from `state()`."""
+        return cls(settings["types"])
+
 
 def mean_pooled(bags: PatientBags, embeddings: np.ndarray) -> np.ndarray:
     """(patients, D) mean of each patient's cell embeddings (`embeddings` has one row per manifest row)."""
@@ -70,19 +112,45 @@ def mean_pooled(bags: PatientBags, embeddings: np.ndarray) -> np.ndarray:
 
 
 class MeanPooledModel:
-    """Image only: mean-pooled cell embeddings, standardised, L2-regularised logistic regression."""
+    """Mean-pooled cell embeddings, standardised, L2-regularised logistic regression: image only, or with
+    `clinical` the encoded age and sex appended to the pooled features (early fusion, one model)."""
 
-    def __init__(self, embeddings: np.ndarray, c: float = 0.1) -> None:
+    def __init__(self, embeddings: np.ndarray, c: float = 0.1, clinical: bool = False) -> None:
         self.embeddings = embeddings
         self.c = c
+        self.clinical = clinical
+
+    def _features(self, bags: PatientBags) -> np.ndarray:
+        pooled = mean_pooled(bags, self.embeddings)
+        return np.hstack([pooled, self.encoder_.transform(bags.clinical)]) if self.clinical else pooled
 
     def fit(self, bags: PatientBags) -> MeanPooledModel:
+        self.encoder_ = ClinicalEncoder().fit(bags.clinical)
         self.model_ = make_pipeline(StandardScaler(), LogisticRegression(C=self.c, max_iter=2000))
-        self.model_.fit(mean_pooled(bags, self.embeddings), bags.labels)
+        self.model_.fit(self._features(bags), bags.labels)
         return self
 
     def predict_proba(self, bags: PatientBags) -> np.ndarray:
-        return self.model_.predict_proba(mean_pooled(bags, self.embeddings))[:, 1]
+        return self.model_.predict_proba(self._features(bags))[:, 1]
+
+    def state(self) -> State:
+        """The fitted model as (settings, arrays)."""
+        scaler, logistic = self.model_[0], self.model_[-1]
+        arrays = {"scaler.mean": scaler.mean_, "scaler.scale": scaler.scale_} | logistic_arrays(logistic, "logistic.")
+        return {"c": self.c, "clinical": self.clinical, "encoder": self.encoder_.state()}, arrays
+
+    @classmethod
+    def from_state(
+        cls, settings: dict[str, Any], arrays: dict[str, np.ndarray], embeddings: np.ndarray
+    ) -> MeanPooledModel:
+        """The fitted model back from `state()`, applied to `embeddings` (one row per manifest row of a cohort)."""
+        model = cls(embeddings, settings["c"], settings["clinical"])
+        model.encoder_ = ClinicalEncoder.from_state(settings["encoder"])
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_ = arrays["scaler.mean"], arrays["scaler.scale"]
+        scaler.var_, scaler.n_features_in_ = scaler.scale_**2, len(scaler.mean_)
+        model.model_ = make_pipeline(scaler, logistic_from_arrays(arrays, "logistic."))
+        return model
 
 
 def out_of_fold(make: Callable[[], object], bags: PatientBags, folds: int = 3, seed: int = 0) -> np.ndarray:
@@ -114,6 +182,13 @@ class LateFusion:
         self.combiner_ = LogisticRegression(max_iter=1000).fit(stacked, bags.labels)
         self.models_ = [make().fit(bags) for make in self.makers]  # type: ignore[attr-defined]
         return self
+
+    @classmethod
+    def fitted(cls, models: Sequence[Any], combiner: LogisticRegression) -> LateFusion:
+        """A fusion of already-fitted `models` (image, clinical) by `combiner` (how a saved one comes back)."""
+        fusion = cls(image=lambda: models[0], clinical=lambda: models[1])
+        fusion.models_, fusion.combiner_ = list(models), combiner
+        return fusion
 
     def predict_proba(self, bags: PatientBags) -> np.ndarray:
         stacked = np.column_stack([self._logit(m.predict_proba(bags)) for m in self.models_])

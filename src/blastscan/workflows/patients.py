@@ -4,13 +4,17 @@ Reads a manifest (or dataset folder) whose cells carry `patient_id`, `diagnosis`
 builds the patient bags, embeds every cell once with an ImageNet backbone (EfficientNet-Lite0 from the packaged
 weights: it never saw these patients' labels, so it needs no retraining inside the folds), and scores the models of
 `blastscan.patients` side by side: age alone, age and sex, the promyelocyte-share heuristic, mean-pooled image
-embeddings and their late fusion with age and sex, and gated-attention MIL without and with the covariates. Writes
-`patients.csv` (the table), `patients.md`, `scores.csv` (each patient's mean out-of-fold probability per model)
-and `patients.json` to `out`.
+embeddings alone and fused with age and sex (stacked, and in one model), and gated-attention MIL without and with
+the covariates. Writes to `out`: `patients.csv` (the table, with calibration), `patients.md`, `scores.csv` (each
+patient's mean out-of-fold probability per model), `patients.json`, `patients.png` (AUROC with CIs),
+`calibration.png`, `galleries/` (per patient, the cells the attention model weighed most, from the fold model that
+never saw the patient) and `model/` (the `final` model fitted on every patient, its threshold from inner
+out-of-fold predictions: what `predict_patients` applies to a new cohort).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +23,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from blastscan.data.images import load_rgb
+from blastscan.data.manifest import Manifest
 from blastscan.data.scan import load_or_scan
+from blastscan.errors import ConfigError
+from blastscan.evaluation.figures import image_gallery, plot_estimates_with_ci, plot_reliability_curves
+from blastscan.evaluation.metrics import (
+    auroc_or_nan,
+    bootstrap_ci,
+    reliability_curve,
+    sensitivity_specificity,
+    youden_threshold,
+)
 from blastscan.patients.attention import AttentionMILModel
 from blastscan.patients.bags import PatientBags, patient_bags
-from blastscan.patients.crossval import patient_crossval
-from blastscan.patients.models import CellShareScore, ClinicalModel, LateFusion, MeanPooledModel
-from blastscan.runs import write_json
+from blastscan.patients.crossval import CrossvalResult, patient_crossval
+from blastscan.patients.models import CellShareScore, ClinicalModel, LateFusion, MeanPooledModel, out_of_fold
+from blastscan.patients.persist import model_from_state, model_state, needs_embeddings
+from blastscan.runs import PatientModelFolder, write_json
 from blastscan.training.config import DataConfig
 
 #: The backbone whose ImageNet features the image models pool, and the cell size it sees.
 BACKBONE, IMAGE_SIZE = "tf_efficientnet_lite0", 96
+#: The model saved for new cohorts when `final` is "auto": the simplest of the best in cross-validation (and the
+#: clinical model when the image models are not run).
+DEFAULT_FINAL, DEFAULT_FINAL_WITHOUT_IMAGES = "image, mean-pooled", "clinical (age, sex)"
+#: The attention model whose weights the galleries show.
+GALLERY_MODEL = "image, attention MIL"
 
 
 @dataclass
@@ -38,6 +59,7 @@ class PatientsResult:
     out: Path
     table: pd.DataFrame
     missing: dict[str, int]
+    final_model: Path | None
 
 
 def cell_embeddings(bags: PatientBags, cache_dir: str | None = None, batch_size: int = 128) -> np.ndarray:
@@ -52,7 +74,7 @@ def cell_embeddings(bags: PatientBags, cache_dir: str | None = None, batch_size:
     images = predictor.image_cache(bags.manifest, cache_dir).array()
     return np.concatenate(
         [
-            predictor.embed_prepared(np.ascontiguousarray(images[i : i + batch_size]))
+            predictor.embed_prepared(np.array(images[i : i + batch_size]))  # a writable copy of the memmap rows
             for i in range(0, len(images), batch_size)
         ]
     )
@@ -68,7 +90,8 @@ def model_factories(embeddings: np.ndarray | None, mil_epochs: int = 30) -> dict
     if embeddings is not None:
         image = lambda: MeanPooledModel(embeddings)  # noqa: E731 - a factory
         models["image, mean-pooled"] = image
-        models["fusion: image + clinical"] = lambda: LateFusion(image)
+        models["fusion: image + clinical (stacked)"] = lambda: LateFusion(image)
+        models["fusion: image + clinical (one model)"] = lambda: MeanPooledModel(embeddings, clinical=True)
         models["image, attention MIL"] = lambda: AttentionMILModel(embeddings, epochs=mil_epochs)
         models["fusion: attention MIL with age, sex"] = lambda: AttentionMILModel(
             embeddings, clinical=True, epochs=mil_epochs
@@ -87,24 +110,41 @@ def patients(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     mil_epochs: int = 30,
+    final: str | None = "auto",
+    gallery_cells: int = 8,
 ) -> PatientsResult:
-    """Compare the patient-level models on `data` by repeated stratified cross-validation by patient."""
+    """Compare the patient-level models on `data` by repeated stratified cross-validation by patient, then fit
+    `final` (a model name, "auto" for the default, None for none) on every patient and save it to `out/model`."""
     say = progress or (lambda _: None)
     manifest = load_or_scan(DataConfig(root=str(data)).resolved_root())
     bags = patient_bags(manifest, positive)
     say(f"{len(bags)} patients ({int(bags.labels.sum())} {positive}), {len(manifest)} cells")
     embeddings = None
     if images:
-        say("embedding every cell (ImageNet EfficientNet-Lite0)")
+        say(f"embedding every cell (ImageNet EfficientNet-Lite0, {IMAGE_SIZE} px)")
         embeddings = cell_embeddings(bags)
+    factories = model_factories(embeddings, mil_epochs)
+    if final == "auto":
+        final = DEFAULT_FINAL if images else DEFAULT_FINAL_WITHOUT_IMAGES
+    if final is not None and final not in factories:
+        raise ConfigError(f"--final {final!r}: choose one of {', '.join(repr(n) for n in factories)}")
     say(f"cross-validating: {folds} folds x {repeats} repeats")
-    result = patient_crossval(bags, model_factories(embeddings, mil_epochs), folds, repeats, seed, n_boot)
+    result = patient_crossval(bags, factories, folds, repeats, seed, n_boot)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result.table.to_csv(out / "patients.csv", index=False)
     pd.DataFrame(
         {"patient": bags.patients, "label": bags.labels, **{m: s.mean(axis=0) for m, s in result.scores.items()}}
     ).to_csv(out / "scores.csv", index=False)
+    _write_figures(result, bags, out)
+    if GALLERY_MODEL in result.attention and gallery_cells > 0:
+        say("drawing the attention galleries")
+        write_galleries(bags, result, GALLERY_MODEL, out / "galleries", gallery_cells)
+    final_model = None
+    if final is not None:
+        say(f"fitting the final model ({final}) on all {len(bags)} patients")
+        cv_row = result.table.set_index("model").loc[final]
+        final_model = save_final_model(bags, final, factories[final], out / "model", cv_row.to_dict(), seed)
     write_json(
         out / "patients.json",
         {
@@ -115,11 +155,158 @@ def patients(
             "patients": len(bags),
             "missing_covariates": bags.missing,
             "cell_types": sorted(manifest.table["cell_type"].astype(str).unique()),
+            "backbone": {"name": BACKBONE, "image_size": IMAGE_SIZE, "weights": "ImageNet"} if images else None,
+            "final_model": final,
             "models": result.table.to_dict(orient="records"),
         },
     )
     (out / "patients.md").write_text(patients_markdown(result.table, folds, repeats))
-    return PatientsResult(out, result.table, bags.missing)
+    return PatientsResult(out, result.table, bags.missing, final_model)
+
+
+def _write_figures(result: CrossvalResult, bags: PatientBags, out: Path) -> None:
+    table = result.table
+    plot_estimates_with_ci(
+        table["model"].tolist(), table["auroc"].tolist(), table["auroc_ci"].tolist(), out / "patients.png",
+        title=f"Patient-level AUROC, {len(bags)} patients (95% CI)", xlabel="AUROC", reference=0.5,
+    )  # fmt: skip
+    repeats = next(iter(result.scores.values())).shape[0]
+    curves = {
+        row.model: reliability_curve(np.tile(bags.labels, repeats), result.scores[row.model].ravel(), n_bins=10)
+        for row in table.itertuples()
+        if np.isfinite(row.ece)
+    }
+    plot_reliability_curves(curves, out / "calibration.png", "Calibration of the out-of-fold probabilities")
+
+
+def _file_name(patient: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(patient)) or "patient"
+
+
+def write_galleries(bags: PatientBags, result: CrossvalResult, model: str, out: Path, cells: int = 8) -> Path:
+    """Per patient, `out/<patient>.png`: the `cells` cells `model`'s attention weighed most (from the first
+    repeat's fold model that never saw the patient), with weight and cell type; `out/index.md` lists them."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = bags.manifest.absolute_paths()
+    kinds = bags.manifest.table["cell_type"].astype(str).to_numpy()
+    first_repeat = dict(zip(bags.patients, result.scores[model][0], strict=True))
+    lines = [
+        f"Cells the attention of `{model}` weighed most, per patient (out-of-fold: from the model that never saw",
+        "the patient).",
+        "",
+        "| patient | diagnosis | probability | top cell types | gallery |",
+        "|---|---|---|---|---|",
+    ]
+    for i, patient in enumerate(bags.patients):
+        weights = result.attention[model][patient]
+        top = np.argsort(weights)[::-1][:cells]
+        rows = bags.cells[i][top]
+        items = [
+            {"image": load_rgb(paths[r]), "title": f"{weights[t]:.2f} {kinds[r]}"}
+            for t, r in zip(top, rows, strict=True)
+        ]
+        name = _file_name(patient) + ".png"
+        image_gallery(items, out / name, columns=min(cells, 4))
+        diagnosis = bags.positive if bags.labels[i] == 1 else f"not {bags.positive}"
+        common = pd.Series(kinds[rows]).value_counts().head(2)
+        lines.append(
+            f"| {patient} | {diagnosis} | {first_repeat[patient]:.3f} | "
+            f"{', '.join(f'{k} {v}' for k, v in common.items())} | [{name}]({name}) |"
+        )
+    (out / "index.md").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def save_final_model(
+    bags: PatientBags, name: str, make: Callable[[], Any], out: Path, cross_validation: dict[str, Any], seed: int = 0
+) -> Path:
+    """`make()` fitted on every patient of `bags`, its threshold Youden's J on inner out-of-fold predictions (as in
+    the cross-validation), saved to `out` as a `PatientModelFolder`."""
+    model = make().fit(bags)
+    threshold = youden_threshold(bags.labels, out_of_fold(make, bags, seed=seed))
+    description, arrays = model_state(model)
+    return PatientModelFolder(out).write(
+        {
+            "name": name,
+            "model": description,
+            "threshold": threshold,
+            "positive": bags.positive,
+            "backbone": {"name": BACKBONE, "image_size": IMAGE_SIZE, "weights": "ImageNet"},
+            "trained_on": {
+                "patients": len(bags),
+                "positive_patients": int(bags.labels.sum()),
+                "cells": int(sum(len(c) for c in bags.cells)),
+                "missing_covariates": bags.missing,
+            },
+            "cross_validation": cross_validation,
+        },
+        arrays,
+    )
+
+
+@dataclass
+class PatientPredictions:
+    """What `predict_patients` wrote: per patient probability and call, and metrics when labels are known."""
+
+    out: Path
+    table: pd.DataFrame
+    metrics: dict[str, Any] | None
+
+
+def predict_patients(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> PatientPredictions:
+    """Apply a saved patient model (`model/` of `patients`) to the cohort `data`: `predictions.csv` (patient,
+    cells, probability, call at the saved threshold, label when known) and, when every patient's diagnosis is
+    known and both kinds occur, `metrics.json` (AUROC with a patient-bootstrap CI, sensitivity, specificity)."""
+    say = progress or (lambda _: None)
+    description, arrays = PatientModelFolder(model_dir).read()
+    manifest: Manifest = load_or_scan(DataConfig(root=str(data)).resolved_root())
+    bags = patient_bags(manifest, description["positive"], labelled=False)
+    say(f"{len(bags)} patients, {len(manifest)} cells; model {description['name']!r}")
+    embeddings = None
+    if needs_embeddings(description["model"]):
+        backbone = description["backbone"]
+        if (backbone["name"], backbone["image_size"]) != (BACKBONE, IMAGE_SIZE):
+            raise ConfigError(
+                f"{model_dir}: the model reads {backbone['name']} features at {backbone['image_size']} px; this "
+                f"blastscan embeds with {BACKBONE} at {IMAGE_SIZE} px - refit it with `blastscan patients`"
+            )
+        say(f"embedding every cell (ImageNet EfficientNet-Lite0, {IMAGE_SIZE} px)")
+        embeddings = cell_embeddings(bags)
+    model = model_from_state(description["model"], arrays, embeddings)
+    probability = model.predict_proba(bags)
+    threshold = float(description["threshold"])
+    table = pd.DataFrame(
+        {
+            "patient": bags.patients,
+            "cells": [len(c) for c in bags.cells],
+            "probability": probability,
+            "call": np.where(probability >= threshold, description["positive"], f"not {description['positive']}"),
+            "label": bags.labels,
+        }
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "predictions.csv", index=False)
+    metrics = None
+    y = bags.labels
+    if (y >= 0).all() and 0 < y.sum() < len(y):
+        sensitivity, specificity = sensitivity_specificity(y, probability >= threshold)
+        ci = bootstrap_ci(y, probability, auroc_or_nan, n_boot=n_boot, seed=seed)
+        metrics = {
+            "model": description["name"], "patients": len(y), "positive_patients": int(y.sum()),
+            "auroc": auroc_or_nan(y, probability), "auroc_ci": [ci.low, ci.high], "threshold": threshold,
+            "sensitivity": sensitivity, "specificity": specificity,
+            "balanced_accuracy": (sensitivity + specificity) / 2, "missing_covariates": bags.missing,
+        }  # fmt: skip
+        write_json(out / "metrics.json", metrics)
+    return PatientPredictions(out, table, metrics)
 
 
 def patients_markdown(table: pd.DataFrame, folds: int, repeats: int) -> str:
@@ -127,13 +314,14 @@ def patients_markdown(table: pd.DataFrame, folds: int, repeats: int) -> str:
     lines = [
         f"Patient-level cross-validation: {folds} folds x {repeats} repeats, thresholds chosen in the training folds.",
         "",
-        "| model | AUROC (95% CI) | sensitivity | specificity | balanced accuracy (95% CI) |",
-        "|---|---|---|---|---|",
+        "| model | AUROC (95% CI) | sensitivity | specificity | balanced accuracy (95% CI) | Brier | ECE |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in table.itertuples():
+        calibration = f"{row.brier:.3f} | {row.ece:.3f}" if np.isfinite(row.ece) else "- | -"
         lines.append(
             f"| {row.model} | {row.auroc:.3f} ({row.auroc_ci[0]:.3f}-{row.auroc_ci[1]:.3f}) | {row.sensitivity:.3f} "
             f"| {row.specificity:.3f} | {row.balanced_accuracy:.3f} ({row.balanced_accuracy_ci[0]:.3f}-"
-            f"{row.balanced_accuracy_ci[1]:.3f}) |"
+            f"{row.balanced_accuracy_ci[1]:.3f}) | {calibration} |"
         )
     return "\n".join(lines) + "\n"
