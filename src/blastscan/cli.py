@@ -367,7 +367,7 @@ def patients(
     """Patient-level diagnosis from a patient's cells plus age and sex, compared by repeated cross-validation by
     patient (thresholds chosen inside the training folds); with --predict, a saved model scores a new cohort."""
     from blastscan.workflows.patients import patients as run_patients
-    from blastscan.workflows.patients import patients_markdown, predict_patients
+    from blastscan.workflows.patients import predict_patients
 
     if predict is not None:
         scored = predict_patients(predict, data, out, n_boot=bootstrap, progress=say)
@@ -384,7 +384,7 @@ def patients(
         data, out, folds=folds, repeats=repeats, positive=positive, images=images, n_boot=bootstrap, progress=say,
         mil_epochs=mil_epochs, final=None if final == "none" else final, gallery_cells=gallery_cells,
     )  # fmt: skip
-    console.print(patients_markdown(result.table, folds, repeats), highlight=False, markup=False)
+    console.print((result.out / "patients.md").read_text(), highlight=False, markup=False)
     saved = f", model/ ({final})" if result.final_model else ""
     console.print(
         f"wrote {result.out} (patients.md, patients.csv, scores.csv, patients.json, patients.png, calibration.png"

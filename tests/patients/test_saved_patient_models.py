@@ -3,6 +3,7 @@ the cross-validation's attention and calibration outputs; the per-patient attent
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from blastscan.patients.crossval import patient_crossval
 from blastscan.patients.models import CellShareScore, ClinicalModel, LateFusion, MeanPooledModel
 from blastscan.patients.persist import model_from_state, model_state
 from blastscan.runs import PatientModelFolder
-from blastscan.workflows.patients import write_galleries
+from blastscan.workflows.patients import covariate_gains, patients_markdown, write_galleries
 from patient_cohorts import synthetic_manifest
 
 
@@ -95,6 +96,18 @@ def test_crossval_reports_calibration_and_out_of_fold_attention_for_every_patien
         assert len(weights) == len(bags.cells[i]) and abs(weights.sum() - 1) < 1e-5
 
 
+def test_what_age_and_sex_add_is_a_paired_auroc_difference_with_a_ci() -> None:
+    bags = patient_bags(synthetic_manifest(n_patients=30))
+    embeddings = np.random.default_rng(3).normal(size=(len(bags.manifest), 4))  # images carry nothing here
+    models = {"image, mean-pooled": lambda: MeanPooledModel(embeddings),
+              "fusion: image + clinical (one model)": lambda: MeanPooledModel(embeddings, clinical=True)}  # fmt: skip
+    result = patient_crossval(bags, models, folds=3, repeats=1, n_boot=100)
+    (gain,) = covariate_gains(result, bags.labels, n_boot=100)
+    assert gain["compared_with"] == "image, mean-pooled" and gain["auroc_gain"] > 0.2  # age carries the signal
+    assert gain["auroc_gain_ci"][0] <= gain["auroc_gain"] <= gain["auroc_gain_ci"][1]
+    assert "What age and sex add" in patients_markdown(result.table, 3, 1, [gain])
+
+
 def test_galleries_show_each_patients_most_attended_cells(tmp_path: Path) -> None:
     manifest = synthetic_manifest(n_patients=12, cells=2)
     for path in manifest.table["path"]:
@@ -137,4 +150,5 @@ def test_the_real_cohort_command_and_its_saved_model_scoring_with_predict(deepap
     assert result.exit_code == 0, result.output
     predictions = pd.read_csv(scored / "predictions.csv")
     assert len(predictions) == 82 and set(predictions["call"]) <= {"APL", "not APL"}
-    assert "AUROC" in result.output and (scored / "metrics.json").is_file()
+    assert "AUROC" in result.output and "82 of these patients trained the model" in result.output
+    assert json.loads((scored / "metrics.json").read_text())["patients_the_model_trained_on"] == 82

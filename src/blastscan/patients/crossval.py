@@ -91,7 +91,7 @@ def patient_crossval(
     rows = []
     for name in models:
         mean_score = scores[name].mean(axis=0)
-        auroc_ci = bootstrap_ci(y, _rank01(mean_score), auroc_or_nan, n_boot=n_boot, seed=seed)
+        auroc_ci = bootstrap_ci(y, rank01(mean_score), auroc_or_nan, n_boot=n_boot, seed=seed)
         per_repeat = np.array([_rates(y, calls[name][r]) for r in range(repeats)])
         majority = calls[name].mean(axis=0) >= 0.5
         probabilistic = getattr(models[name](), "probabilistic", True)
@@ -118,6 +118,6 @@ def patient_crossval(
     return CrossvalResult(scores, calls, pd.DataFrame(rows), trained_on, attention)
 
 
-def _rank01(p: np.ndarray) -> np.ndarray:
+def rank01(p: np.ndarray) -> np.ndarray:
     """Scores as ranks in [0, 1] (AUROC sees only the order; the bootstrap wants probabilities)."""
     return rankdata(p) / len(p)

@@ -31,13 +31,14 @@ from blastscan.evaluation.figures import image_gallery, plot_estimates_with_ci, 
 from blastscan.evaluation.metrics import (
     auroc_or_nan,
     bootstrap_ci,
+    paired_bootstrap_ci,
     reliability_curve,
     sensitivity_specificity,
     youden_threshold,
 )
 from blastscan.patients.attention import AttentionMILModel
 from blastscan.patients.bags import PatientBags, patient_bags
-from blastscan.patients.crossval import CrossvalResult, patient_crossval
+from blastscan.patients.crossval import CrossvalResult, patient_crossval, rank01
 from blastscan.patients.models import CellShareScore, ClinicalModel, LateFusion, MeanPooledModel, out_of_fold
 from blastscan.patients.persist import model_from_state, model_state, needs_embeddings
 from blastscan.runs import PatientModelFolder, write_json
@@ -50,6 +51,12 @@ BACKBONE, IMAGE_SIZE = "tf_efficientnet_lite0", 96
 DEFAULT_FINAL, DEFAULT_FINAL_WITHOUT_IMAGES = "image, mean-pooled", "clinical (age, sex)"
 #: The attention model whose weights the galleries show.
 GALLERY_MODEL = "image, attention MIL"
+#: Each model with age and sex -> the same model without them: what `covariate_gains` compares.
+WITH_AND_WITHOUT_COVARIATES = {
+    "fusion: image + clinical (stacked)": "image, mean-pooled",
+    "fusion: image + clinical (one model)": "image, mean-pooled",
+    "fusion: attention MIL with age, sex": "image, attention MIL",
+}
 
 
 @dataclass
@@ -145,6 +152,7 @@ def patients(
         say(f"fitting the final model ({final}) on all {len(bags)} patients")
         cv_row = result.table.set_index("model").loc[final]
         final_model = save_final_model(bags, final, factories[final], out / "model", cv_row.to_dict(), seed)
+    gains = covariate_gains(result, bags.labels, n_boot, seed)
     write_json(
         out / "patients.json",
         {
@@ -158,10 +166,26 @@ def patients(
             "backbone": {"name": BACKBONE, "image_size": IMAGE_SIZE, "weights": "ImageNet"} if images else None,
             "final_model": final,
             "models": result.table.to_dict(orient="records"),
+            "what_age_and_sex_add": gains,
         },
     )
-    (out / "patients.md").write_text(patients_markdown(result.table, folds, repeats))
+    (out / "patients.md").write_text(patients_markdown(result.table, folds, repeats, gains))
     return PatientsResult(out, result.table, bags.missing, final_model)
+
+
+def covariate_gains(result: CrossvalResult, y: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Per model with age and sex: its AUROC minus that of the same model without them, on the same patients'
+    mean out-of-fold probabilities, with a paired patient-bootstrap 95% CI."""
+    gains = []
+    for with_covariates, without in WITH_AND_WITHOUT_COVARIATES.items():
+        if with_covariates in result.scores and without in result.scores:
+            gain, ci = paired_bootstrap_ci(
+                y, rank01(result.scores[without].mean(axis=0)), rank01(result.scores[with_covariates].mean(axis=0)),
+                auroc_or_nan, n_boot=n_boot, seed=seed,
+            )  # fmt: skip
+            gains.append({"model": with_covariates, "compared_with": without, "auroc_gain": gain,
+                          "auroc_gain_ci": [ci.low, ci.high]})  # fmt: skip
+    return gains
 
 
 def _write_figures(result: CrossvalResult, bags: PatientBags, out: Path) -> None:
@@ -237,6 +261,7 @@ def save_final_model(
                 "positive_patients": int(bags.labels.sum()),
                 "cells": int(sum(len(c) for c in bags.cells)),
                 "missing_covariates": bags.missing,
+                "patient_ids": bags.patients.tolist(),  # so that scoring them again is reported as not a validation
             },
             "cross_validation": cross_validation,
         },
@@ -269,6 +294,9 @@ def predict_patients(
     manifest: Manifest = load_or_scan(DataConfig(root=str(data)).resolved_root())
     bags = patient_bags(manifest, description["positive"], labelled=False)
     say(f"{len(bags)} patients, {len(manifest)} cells; model {description['name']!r}")
+    seen = sorted(set(bags.patients) & set(description["trained_on"].get("patient_ids", [])))
+    if seen:
+        say(f"warning: {len(seen)} of these patients trained the model (e.g. {seen[0]}): no validation")
     embeddings = None
     if needs_embeddings(description["model"]):
         backbone = description["backbone"]
@@ -304,13 +332,14 @@ def predict_patients(
             "auroc": auroc_or_nan(y, probability), "auroc_ci": [ci.low, ci.high], "threshold": threshold,
             "sensitivity": sensitivity, "specificity": specificity,
             "balanced_accuracy": (sensitivity + specificity) / 2, "missing_covariates": bags.missing,
+            "patients_the_model_trained_on": len(seen),
         }  # fmt: skip
         write_json(out / "metrics.json", metrics)
     return PatientPredictions(out, table, metrics)
 
 
-def patients_markdown(table: pd.DataFrame, folds: int, repeats: int) -> str:
-    """The comparison table as markdown."""
+def patients_markdown(table: pd.DataFrame, folds: int, repeats: int, gains: list[dict[str, Any]] | None = None) -> str:
+    """The comparison table, and what age and sex add to the image models, as markdown."""
     lines = [
         f"Patient-level cross-validation: {folds} folds x {repeats} repeats, thresholds chosen in the training folds.",
         "",
@@ -324,4 +353,11 @@ def patients_markdown(table: pd.DataFrame, folds: int, repeats: int) -> str:
             f"| {row.specificity:.3f} | {row.balanced_accuracy:.3f} ({row.balanced_accuracy_ci[0]:.3f}-"
             f"{row.balanced_accuracy_ci[1]:.3f}) | {calibration} |"
         )
+    if gains:
+        lines += ["", "What age and sex add (AUROC with them minus without, paired patient bootstrap 95% CI):", ""]
+        lines += [
+            f"- {g['model']} vs {g['compared_with']}: {g['auroc_gain']:+.3f} "
+            f"({g['auroc_gain_ci'][0]:+.3f} to {g['auroc_gain_ci'][1]:+.3f})"
+            for g in gains
+        ]
     return "\n".join(lines) + "\n"
