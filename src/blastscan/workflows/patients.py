@@ -196,7 +196,7 @@ def _write_figures(result: CrossvalResult, bags: PatientBags, out: Path) -> None
     )  # fmt: skip
     repeats = next(iter(result.scores.values())).shape[0]
     curves = {
-        row.model: reliability_curve(np.tile(bags.labels, repeats), result.scores[row.model].ravel(), n_bins=10)
+        row.model: reliability_curve(np.tile(bags.labels, repeats), result.scores[row.model].ravel(), n_bins=5)
         for row in table.itertuples()
         if np.isfinite(row.ece)
     }
