@@ -66,3 +66,54 @@ def test_a_config_file_with_a_python_tag_is_refused_and_runs_nothing(tmp_path: P
     with pytest.raises(ConfigError, match="tags such as !!python are refused"):
         load_config(config)
     assert not marker.exists()
+
+
+def test_throughput_options_default_to_todays_behaviour_and_are_accepted() -> None:
+    config = parse_config({"name": "x", "data": {"root": "d"}, "trainer": {"batch_size": 16}})
+    assert config.data.device_cache == "auto" and config.data.device_cache_share == 0.5
+    assert not config.trainer.channels_last and not config.trainer.compile
+    assert config.trainer.evaluation_batch_size() == 64 and config.learning_rate() == config.optim.lr
+    tree = apply_overrides(
+        {"name": "x", "data": {"root": "d"}},
+        [
+            "data.device_cache=on",
+            "data.device_cache_share=0.25",
+            "trainer.channels_last=true",
+            "trainer.compile=true",
+            "trainer.eval_batch_size=256",
+        ],
+    )
+    config = parse_config(tree)
+    assert config.data.device_cache == "on" and config.data.device_cache_share == 0.25
+    assert config.trainer.channels_last and config.trainer.compile and config.trainer.evaluation_batch_size() == 256
+    # YAML reads a bare off as False: still the mode "off".
+    assert parse_config(apply_overrides(tree, ["data.device_cache=off"])).data.device_cache == "off"
+
+
+def test_the_linear_scaling_rule_applies_only_when_asked() -> None:
+    tree = {"name": "x", "data": {"root": "d"}, "optim": {"lr": 1e-3}, "trainer": {"batch_size": 256}}
+    assert parse_config(tree).learning_rate(world_size=2) == 1e-3  # no reference batch: the rate as written
+    tree["optim"]["lr_reference_batch"] = 64
+    config = parse_config(tree)
+    assert config.learning_rate() == pytest.approx(4e-3) and config.learning_rate(world_size=2) == pytest.approx(8e-3)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("data.device_cache", "gpu", r"data\.device_cache: Input should be 'auto', 'on' or 'off'"),
+        ("data.device_cache_share", 0, r"data\.device_cache_share: Input should be greater than 0"),
+        ("data.device_cache_share", 1.5, r"data\.device_cache_share: Input should be less than or equal to 1"),
+        ("trainer.compile", "sometimes", r"trainer\.compile: Input should be a valid boolean"),
+        ("trainer.channels_last", [1], r"trainer\.channels_last: Input should be a valid boolean"),
+        ("trainer.eval_batch_size", 0, r"trainer\.eval_batch_size: Input should be greater than or equal to 1"),
+        ("optim.lr_reference_batch", 0, r"optim\.lr_reference_batch: Input should be greater than or equal to 1"),
+        ("trainer.compiled", True, r"trainer\.compiled: unknown key"),
+    ],
+)
+def test_bad_throughput_options_are_named(key: str, value: object, said: str) -> None:
+    section, leaf = key.split(".")
+    tree = {"name": "x", "data": {"root": "d"}}
+    tree.setdefault(section, {})[leaf] = value
+    with pytest.raises(ConfigError, match=said):
+        parse_config(tree)

@@ -123,6 +123,8 @@ def test_resume_writes_into_the_folder_it_is_given_and_nowhere_else(synthetic_cs
         app, ["train", "--resume", str(copy), "--set", "trainer.max_epochs=2", "--no-progress"]
     )  # run from a folder that holds a run of the same name (the config's runs_dir/name)
     assert cli.exit_code == 0, cli.output
+    # The one line that says which data path ran, and why.
+    assert "training data: DataLoader; data.device_cache: auto keeps the split on CUDA only" in cli.output
     assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == before  # the original is untouched
     assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
     assert pd.read_csv(copy / "metrics.csv")["epoch"].tolist() == [0, 1]
@@ -208,6 +210,7 @@ def test_two_process_ddp_on_cpu(synthetic_csv: Path, tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "on 2 process(es)" in output
+    assert output.count("training data: DataLoader; data-parallel over 2 processes") == 1  # rank 0 says it, once
     assert (tmp_path / "tiny" / "best.safetensors").is_file()
 
 

@@ -1,9 +1,15 @@
-"""The model's maths for training: a classifier, its loss, its optimiser, its metrics (a LightningModule)."""
+"""The model's maths for training: a classifier, its loss, its optimiser, its metrics (a LightningModule).
+
+Throughput options from the trainer config: `channels_last` (weights and batches in that memory format) and
+`compile` (the network's forward through `torch.compile`; a compilation failure, at set-up or at the first batch,
+warns once and falls back to eager mode instead of stopping the run).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -42,6 +48,16 @@ class CellClassifier(L.LightningModule):
         )
         if model_cfg.freeze_backbone:
             freeze_backbone(self.model)
+        self.channels_last = self.config.trainer.channels_last
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # A compiled *function*, not a module attribute: the state dict's keys stay the eager model's.
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if self.config.trainer.compile:
+            try:
+                self._compiled = torch.compile(self.model.forward)
+            except Exception as exc:  # torch.compile raises many types (missing compiler, unsupported platform)
+                self._compile_failed(exc)
         self.loss = make_loss(self.config.loss.name, list(class_counts), **self.config.loss.params)
         self.augment = BatchAugment(AugmentConfig.model_validate(self.config.augment.model_dump()), mean, std)
         self.val_auroc = BinaryAUROC()
@@ -52,7 +68,22 @@ class CellClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for normalised float images."""
+        if self._compiled is not None:
+            try:
+                return self._compiled(images)
+            except Exception as exc:  # compilation happens at the first call; a genuine error re-raises in eager
+                self._compile_failed(exc)
         return self.model(images)
+
+    def _compile_failed(self, exc: Exception) -> None:
+        self._compiled = None
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        warnings.warn(
+            f"trainer.compile: torch.compile failed ({type(exc).__name__}: {first_line}); training continues in "
+            "eager mode (set trainer.compile: false to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
@@ -63,7 +94,17 @@ class CellClassifier(L.LightningModule):
             seed = self.config.seed * 1_000_003 + self.global_step * 101 + self.global_rank
             # A CPU generator: the same draws on any device, and no device-side generator per step.
             generator = torch.Generator().manual_seed(seed)
-        return self.augment(images, generator=generator, train=training), labels
+        return self.prepare_batch(images, generator, train=training), labels
+
+    def prepare_batch(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, train: bool = True
+    ) -> torch.Tensor:
+        """A uint8 (B, 3, H, W) batch on the device -> the network's input: augmented (when `train`), normalised,
+        in channels-last memory format when the config asks for it."""
+        images = self.augment(images, generator=generator, train=train)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout draws from the global generator, which other code (loader iterators) also touches in an order
@@ -117,6 +158,7 @@ class CellClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optim = self.config.optim
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        lr = self.config.learning_rate(self.trainer.world_size)
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=optim.weight_decay)
         trainer = self.config.trainer
         return SCHEDULERS.get(optim.scheduler)(optimizer, max_epochs=trainer.max_epochs, monitor=trainer.monitor)

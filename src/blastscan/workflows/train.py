@@ -144,6 +144,9 @@ def train(
         num_workers=config.trainer.num_workers,
         seed=config.seed,
         sample_weights=sample_weights,
+        eval_batch_size=config.trainer.evaluation_batch_size(),
+        device_cache=config.data.device_cache,
+        device_cache_share=config.data.device_cache_share,
     )
     module = CellClassifier(config.model_dump(mode="json"), counts, mean, std)
     _save_augmentations(run, data, module, config.seed)
