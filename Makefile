@@ -7,6 +7,9 @@ BLASTSCAN_DATA ?= ../shared/datasets
 export BLASTSCAN_DATA
 # Test processes (pytest-xdist; an idle worker takes queued tests from a busy one, so the slow files overlap).
 TEST_WORKERS ?= 2
+# Threads per test process (PyTorch, BLAS, ONNX Runtime): 2 workers x 2 threads on 2 cores left small tests waiting
+# on each other's thread pools (one test: 14.6 s under load, 0.3 s with one thread per process).
+TEST_THREADS ?= 1
 
 .PHONY: install demo test lint bench clean
 
@@ -25,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/deptry src
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -45,11 +45,14 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def usable_cpus() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    """CPU cores this process may run on (its affinity mask where the OS has one), capped by OMP_NUM_THREADS when
+    it is set (the thread budget the user gave every library, which ONNX Runtime's own pool would not read)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity mask
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    budget = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cores, int(budget))) if budget.isdigit() and int(budget) > 0 else cores
 
 
 @dataclass(frozen=True)
