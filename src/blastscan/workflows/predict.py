@@ -200,7 +200,9 @@ def predict(
             p = batch.probabilities
             made = calls(p, threshold, review_band, batch.out_of_distribution if review_ood else None)
             for i, source in enumerate(batch.sources):
-                row = [source, f"{p[i]:.6f}", made[i]]
+                # The shortest exact form: a rounded probability could fall on the other side of the threshold
+                # than the call made from it (seen with a strongly temperature-scaled model, p ~ t ~ 0.4996).
+                row = [source, repr(float(p[i])), made[i]]
                 row += [f"{batch.ood_score[i]:.4f}", int(batch.out_of_distribution[i])] if has_ood else ["", ""]
                 row += [int(batch.cell_found[i])] if focus else []
                 row += [f"{batch.tta_spread[i]:.4f}"] if tta else []
