@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -25,6 +26,14 @@ from blastscan.training.prepare import PreparedData, prepare_data
 from training.conftest import fast_config
 
 EPOCHS = 3
+
+
+def quiet_trainer(root: Path, **options: Any) -> L.Trainer:
+    """A CPU Lightning trainer without logger, checkpoints, progress bar or summary."""
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, **options,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +108,7 @@ def _fit(tree: dict, data: PreparedData, mode: str, epochs: int, root: Path, res
     datamodule = CellDataModule(
         data.cache, data.split_rows, data.targets, 16, 0, config.seed, eval_batch_size=64, device_cache=mode
     )
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        limit_train_batches=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, max_epochs=epochs, limit_train_batches=3, num_sanity_val_steps=0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*|.*logging interval.*|.*num_workers.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
@@ -182,18 +181,7 @@ def test_channels_last_reaches_the_weights_and_every_batch(prepared, tmp_path: P
     convs = [m.weight for m in module.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     datamodule = CellDataModule(data.cache, data.split_rows, data.targets, 16, 0, 0, device_cache="on")
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Formats()],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[Formats()])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*|.*logging interval.*")
         trainer.fit(module, datamodule=datamodule)
