@@ -145,7 +145,7 @@ class ScoredCell:
             "y1": y1,
             "area": self.area,
             "diameter": round(self.diameter, 1),
-            "probability": round(self.probability, 6),
+            "probability": float(self.probability),  # exact: a rounded value could sit across the threshold from "call"
             "call": "blast" if self.blast else "other",
             "touches_border": self.touches_border,
             "detection_score": round(self.detection_score, 4),
