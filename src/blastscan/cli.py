@@ -385,7 +385,7 @@ def patients(
         mil_epochs=mil_epochs, final=None if final == "none" else final, gallery_cells=gallery_cells,
     )  # fmt: skip
     console.print((result.out / "patients.md").read_text(), highlight=False, markup=False)
-    saved = f", model/ ({final})" if result.final_model else ""
+    saved = f", model/ ({result.final_name})" if result.final_model else ""
     console.print(
         f"wrote {result.out} (patients.md, patients.csv, scores.csv, patients.json, patients.png, calibration.png"
         f"{', galleries/' if (result.out / 'galleries').is_dir() else ''}{saved})",

@@ -96,6 +96,14 @@ def test_crossval_reports_calibration_and_out_of_fold_attention_for_every_patien
         assert len(weights) == len(bags.cells[i]) and abs(weights.sum() - 1) < 1e-5
 
 
+def test_an_unknown_final_model_is_refused_naming_the_choices(deepapl_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["patients", "--data", str(deepapl_dir), "--out", str(tmp_path), "--final", "best"]
+    )
+    assert result.exit_code != 0 and "--final 'best': choose one of" in result.output
+    assert "'image, mean-pooled'" in result.output and not (tmp_path / "patients.csv").exists()
+
+
 def test_what_age_and_sex_add_is_a_paired_auroc_difference_with_a_ci() -> None:
     bags = patient_bags(synthetic_manifest(n_patients=30))
     embeddings = np.random.default_rng(3).normal(size=(len(bags.manifest), 4))  # images carry nothing here
@@ -140,6 +148,7 @@ def test_the_real_cohort_command_and_its_saved_model_scoring_with_predict(deepap
     assert len(scores) == 82 and scores["label"].sum() == 22
     assert patient_bags(load_or_scan(deepapl_dir)).missing == {"age": 0, "female": 0}
     assert (out / "patients.png").is_file() and (out / "calibration.png").is_file()
+    assert "model/ (clinical (age, sex))" in result.output
     card = PatientModelFolder(out / "model").read()[0]
     assert card["name"] == "clinical (age, sex)" and card["trained_on"]["patients"] == 82
     scored = tmp_path / "scored"

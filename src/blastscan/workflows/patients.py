@@ -67,6 +67,7 @@ class PatientsResult:
     table: pd.DataFrame
     missing: dict[str, int]
     final_model: Path | None
+    final_name: str | None
 
 
 def cell_embeddings(bags: PatientBags, cache_dir: str | None = None, batch_size: int = 128) -> np.ndarray:
@@ -126,15 +127,16 @@ def patients(
     manifest = load_or_scan(DataConfig(root=str(data)).resolved_root())
     bags = patient_bags(manifest, positive)
     say(f"{len(bags)} patients ({int(bags.labels.sum())} {positive}), {len(manifest)} cells")
+    if final == "auto":
+        final = DEFAULT_FINAL if images else DEFAULT_FINAL_WITHOUT_IMAGES
+    names = list(model_factories(np.empty((0, 0)) if images else None))  # checked before the slow embedding
+    if final is not None and final not in names:
+        raise ConfigError(f"--final {final!r}: choose one of {', '.join(repr(n) for n in names)}")
     embeddings = None
     if images:
         say(f"embedding every cell (ImageNet EfficientNet-Lite0, {IMAGE_SIZE} px)")
         embeddings = cell_embeddings(bags)
     factories = model_factories(embeddings, mil_epochs)
-    if final == "auto":
-        final = DEFAULT_FINAL if images else DEFAULT_FINAL_WITHOUT_IMAGES
-    if final is not None and final not in factories:
-        raise ConfigError(f"--final {final!r}: choose one of {', '.join(repr(n) for n in factories)}")
     say(f"cross-validating: {folds} folds x {repeats} repeats")
     result = patient_crossval(bags, factories, folds, repeats, seed, n_boot)
     out = Path(out)
@@ -170,7 +172,7 @@ def patients(
         },
     )
     (out / "patients.md").write_text(patients_markdown(result.table, folds, repeats, gains))
-    return PatientsResult(out, result.table, bags.missing, final_model)
+    return PatientsResult(out, result.table, bags.missing, final_model, final)
 
 
 def covariate_gains(result: CrossvalResult, y: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
