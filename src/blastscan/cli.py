@@ -363,6 +363,13 @@ def patients(
         Path | None,
         typer.Option(help="Apply this saved model (OUT/model of an earlier run) to the patients of --data instead."),
     ] = None,
+    backbone: Annotated[
+        Path | None,
+        typer.Option(
+            help="A trained run whose network embeds the cells instead of the ImageNet Lite0; refused when its data "
+            "holds any cell or patient of --data."
+        ),
+    ] = None,
 ) -> None:
     """Patient-level diagnosis from a patient's cells plus age and sex, compared by repeated cross-validation by
     patient (thresholds chosen inside the training folds); with --predict, a saved model scores a new cohort."""
@@ -383,6 +390,7 @@ def patients(
     result = run_patients(
         data, out, folds=folds, repeats=repeats, positive=positive, images=images, n_boot=bootstrap, progress=say,
         mil_epochs=mil_epochs, final=None if final == "none" else final, gallery_cells=gallery_cells,
+        backbone=backbone,
     )  # fmt: skip
     console.print((result.out / "patients.md").read_text(), highlight=False, markup=False)
     saved = f", model/ ({result.final_name})" if result.final_model else ""

@@ -21,8 +21,13 @@ from blastscan.patients.bags import patient_bags
 from blastscan.patients.crossval import patient_crossval
 from blastscan.patients.models import CellShareScore, ClinicalModel, LateFusion, MeanPooledModel
 from blastscan.patients.persist import model_from_state, model_state
-from blastscan.runs import PatientModelFolder
-from blastscan.workflows.patients import covariate_gains, patients_markdown, write_galleries
+from blastscan.runs import PatientModelFolder, RunFolder
+from blastscan.workflows.patients import (
+    check_backbone_never_saw,
+    covariate_gains,
+    patients_markdown,
+    write_galleries,
+)
 from patient_cohorts import synthetic_manifest
 
 
@@ -161,3 +166,57 @@ def test_the_real_cohort_command_and_its_saved_model_scoring_with_predict(deepap
     assert len(predictions) == 82 and set(predictions["call"]) <= {"APL", "not APL"}
     assert "AUROC" in result.output and "82 of these patients trained the model" in result.output
     assert json.loads((scored / "metrics.json").read_text())["patients_the_model_trained_on"] == 82
+
+
+def write_cohort_csv(folder: Path, n_patients: int = 12, cells: int = 2, prefix: str = "P") -> Path:
+    """A lab CSV of small real image files with the patient columns (diagnosis, age, gender, cell_type); patient
+    IDs start with `prefix`."""
+    table = synthetic_manifest(n_patients=n_patients, cells=cells).table
+    table["patient_id"] = prefix + table["patient_id"].str[1:]
+    rng = np.random.default_rng(0)
+    for path, diagnosis in zip(table["path"], table["diagnosis"], strict=True):
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        tint = (200, 90, 160) if diagnosis == "APL" else (170, 120, 190)
+        pixels = np.clip(np.array(tint) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / path)
+    csv = folder / "cohort.csv"
+    table.drop(columns=["group_id", "dataset"]).to_csv(csv, index=False)
+    return csv
+
+
+def test_a_trained_run_as_backbone_and_its_saved_model_on_a_new_cohort(stain_run: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    cohort = write_cohort_csv(tmp_path / "discovery", n_patients=24)
+    out = tmp_path / "cv"
+    result = runner.invoke(
+        app, ["patients", "--data", str(cohort), "--out", str(out), "--folds", "2", "--repeats", "1",
+              "--bootstrap", "20", "--mil-epochs", "2", "--gallery-cells", "0", "--backbone", str(stain_run)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    card = PatientModelFolder(out / "model").read()[0]
+    assert card["backbone"]["weights"] == "run" and card["backbone"]["run"] == str(stain_run.resolve())
+    scored = tmp_path / "scored"
+    new_cohort = write_cohort_csv(tmp_path / "validation", n_patients=6, prefix="V")
+    result = runner.invoke(
+        app, ["patients", "--predict", str(out / "model"), "--data", str(new_cohort), "--out", str(scored)]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(scored / "predictions.csv")) == 6 and "trained the model" not in result.output
+
+
+def test_a_cohort_too_small_for_the_nested_folds_gets_a_clear_error() -> None:
+    bags = patient_bags(synthetic_manifest(n_patients=12, cells=2))
+    embeddings = signal_embeddings(bags.manifest)
+    with pytest.raises(ConfigError, match="too small for the inner cross-validation"):
+        patient_crossval(bags, {"fusion": lambda: LateFusion(lambda: MeanPooledModel(embeddings))}, 2, 1, n_boot=10)
+
+
+def test_a_backbone_run_that_saw_the_cohorts_cells_is_refused(stain_run: Path, tmp_path: Path) -> None:
+    run_manifest = RunFolder(stain_run).manifest()
+    table = run_manifest.table.head(12).assign(
+        patient_id=[f"P{i % 6}" for i in range(12)], diagnosis=["APL", "AML"] * 6, age=50.0, gender="Male",
+        cell_type="Blast",
+    )  # fmt: skip
+    bags = patient_bags(Manifest(table, root=run_manifest.root, format="csv"))
+    with pytest.raises(ConfigError, match="holds 12 of these cells"):
+        check_backbone_never_saw(bags, stain_run)

@@ -79,8 +79,17 @@ def patient_crossval(
         for train, test in splitter.split(bags.patients, y):
             training, testing = bags.subset(train), bags.subset(test)
             for name, make in models.items():
-                model = make().fit(training)
-                threshold = youden_threshold(training.labels, out_of_fold(make, training, seed=seed + r))
+                try:
+                    model = make().fit(training)
+                    threshold = youden_threshold(training.labels, out_of_fold(make, training, seed=seed + r))
+                except ValueError as exc:
+                    if "class" not in str(exc):
+                        raise
+                    raise ConfigError(
+                        f"{name}: a training fold of {len(training)} patients ({int(training.labels.sum())} "
+                        f"positive) is too small for the inner cross-validation ({exc}); use fewer --folds or "
+                        "more patients"
+                    ) from None
                 p = model.predict_proba(testing)
                 scores[name][r, test] = p
                 calls[name][r, test] = p >= threshold

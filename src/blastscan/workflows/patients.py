@@ -2,7 +2,8 @@
 
 Reads a manifest (or dataset folder) whose cells carry `patient_id`, `diagnosis`, `age`, `gender`, `cell_type`,
 builds the patient bags, embeds every cell once with an ImageNet backbone (EfficientNet-Lite0 from the packaged
-weights: it never saw these patients' labels, so it needs no retraining inside the folds), and scores the models of
+weights: it never saw these patients' labels, so it needs no retraining inside the folds; or a trained run whose
+data holds none of these cells or patients), and scores the models of
 `blastscan.patients` side by side: age alone, age and sex, the promyelocyte-share heuristic, mean-pooled image
 embeddings alone and fused with age and sex (stacked, and in one model), and gated-attention MIL without and with
 the covariates. Writes to `out`: `patients.csv` (the table, with calibration), `patients.md`, `scores.csv` (each
@@ -41,11 +42,12 @@ from blastscan.patients.bags import PatientBags, patient_bags
 from blastscan.patients.crossval import CrossvalResult, patient_crossval, rank01
 from blastscan.patients.models import CellShareScore, ClinicalModel, LateFusion, MeanPooledModel, out_of_fold
 from blastscan.patients.persist import model_from_state, model_state, needs_embeddings
-from blastscan.runs import PatientModelFolder, write_json
+from blastscan.runs import FOR_INFERENCE, PatientModelFolder, RunFolder, write_json
 from blastscan.training.config import DataConfig
 
-#: The backbone whose ImageNet features the image models pool, and the cell size it sees.
+#: The backbone whose ImageNet features the image models pool by default, and the cell size it sees.
 BACKBONE, IMAGE_SIZE = "tf_efficientnet_lite0", 96
+IMAGENET_BACKBONE = {"name": BACKBONE, "image_size": IMAGE_SIZE, "weights": "ImageNet"}
 #: The model saved for new cohorts when `final` is "auto": the simplest of the best in cross-validation (and the
 #: clinical model when the image models are not run).
 DEFAULT_FINAL, DEFAULT_FINAL_WITHOUT_IMAGES = "image, mean-pooled", "clinical (age, sex)"
@@ -70,22 +72,61 @@ class PatientsResult:
     final_name: str | None
 
 
-def cell_embeddings(bags: PatientBags, cache_dir: str | None = None, batch_size: int = 128) -> np.ndarray:
-    """(cells, D) ImageNet EfficientNet-Lite0 pooled features of every manifest row (one pass, cached images)."""
-    from blastscan.inference import InputSpec
+def cell_embeddings(bags: PatientBags, backbone: str | Path | None = None, batch_size: int = 128) -> np.ndarray:
+    """(cells, D) pooled features of every manifest row: the ImageNet EfficientNet-Lite0 at 96 px, or the network
+    of the trained run `backbone` with its own image size, stain normalisation and cell framing (one pass over the
+    image cache)."""
+    from blastscan.inference import InputSpec, Predictor
     from blastscan.inference.torch_backend import TorchPredictor
     from blastscan.models import create, preprocessing_for
 
-    pre = preprocessing_for(BACKBONE, "package")
-    network = create(BACKBONE, pretrained="package", num_classes=0)
-    predictor = TorchPredictor(network, InputSpec(IMAGE_SIZE, tuple(pre["mean"]), tuple(pre["std"])), device="cpu")
-    images = predictor.image_cache(bags.manifest, cache_dir).array()
+    if backbone is None:
+        pre = preprocessing_for(BACKBONE, "package")
+        network = create(BACKBONE, pretrained="package", num_classes=0)
+        spec = InputSpec(IMAGE_SIZE, tuple(pre["mean"]), tuple(pre["std"]))
+        predictor: Any = TorchPredictor(network, spec, device="cpu")
+    else:
+        predictor = Predictor.from_run(backbone, device="cpu", backend="torch")
+    images = predictor.image_cache(bags.manifest).array()
     return np.concatenate(
         [
             predictor.embed_prepared(np.array(images[i : i + batch_size]))  # a writable copy of the memmap rows
             for i in range(0, len(images), batch_size)
         ]
     )
+
+
+def backbone_description(backbone: str | Path | None) -> dict[str, Any]:
+    """What produced the cell embeddings: the ImageNet Lite0, or a run (its path and weights' SHA-256)."""
+    if backbone is None:
+        return dict(IMAGENET_BACKBONE)
+    folder = RunFolder.open(backbone, need=FOR_INFERENCE)
+    card = folder.model_card()
+    return {"name": card["name"], "image_size": card["image_size"], "weights": "run",
+            "run": str(folder.path.resolve()), "weights_sha256": folder.weights_sha256()}  # fmt: skip
+
+
+def check_backbone_never_saw(bags: PatientBags, backbone: str | Path) -> None:
+    """ConfigError unless the run `backbone` was made without any image or patient of `bags` (its manifest holds
+    everything its splits drew on, training and model selection alike), so that no test patient of the
+    cross-validation reaches the image features through the backbone."""
+    run_manifest = RunFolder.open(backbone, need=("manifest", *FOR_INFERENCE)).manifest()
+    shared_images = {str(p.resolve()) for p in run_manifest.absolute_paths()} & {
+        str(p.resolve()) for p in bags.manifest.absolute_paths()
+    }
+    shared_patients: set[tuple[str, str]] = set()
+    if run_manifest.has_patients and bags.manifest.has_patients:
+
+        def pairs(table: pd.DataFrame) -> set[tuple[str, str]]:
+            return set(zip(table["dataset"].astype(str), table["patient_id"].astype(str), strict=True))
+
+        shared_patients = pairs(run_manifest.table) & pairs(bags.manifest.table)
+    if shared_images or shared_patients:
+        raise ConfigError(
+            f"--backbone {backbone}: that run's data holds {len(shared_images)} of these cells and "
+            f"{len(shared_patients)} of these patients, so its features would leak test patients into the "
+            "cross-validation; train the backbone on other data (or leave --backbone out for the ImageNet one)"
+        )
 
 
 def model_factories(embeddings: np.ndarray | None, mil_epochs: int = 30) -> dict[str, Callable[[], Any]]:
@@ -120,9 +161,12 @@ def patients(
     mil_epochs: int = 30,
     final: str | None = "auto",
     gallery_cells: int = 8,
+    backbone: str | Path | None = None,
 ) -> PatientsResult:
     """Compare the patient-level models on `data` by repeated stratified cross-validation by patient, then fit
-    `final` (a model name, "auto" for the default, None for none) on every patient and save it to `out/model`."""
+    `final` (a model name, "auto" for the default, None for none) on every patient and save it to `out/model`.
+    `backbone`: a trained run whose network embeds the cells instead of the ImageNet Lite0 (refused when its data
+    holds any of these cells or patients)."""
     say = progress or (lambda _: None)
     manifest = load_or_scan(DataConfig(root=str(data)).resolved_root())
     bags = patient_bags(manifest, positive)
@@ -132,10 +176,13 @@ def patients(
     names = list(model_factories(np.empty((0, 0)) if images else None))  # checked before the slow embedding
     if final is not None and final not in names:
         raise ConfigError(f"--final {final!r}: choose one of {', '.join(repr(n) for n in names)}")
-    embeddings = None
+    embeddings, described = None, None
     if images:
-        say(f"embedding every cell (ImageNet EfficientNet-Lite0, {IMAGE_SIZE} px)")
-        embeddings = cell_embeddings(bags)
+        if backbone is not None:
+            check_backbone_never_saw(bags, backbone)
+        described = backbone_description(backbone)
+        say(f"embedding every cell ({described['name']}, {described['weights']} weights, {described['image_size']} px)")
+        embeddings = cell_embeddings(bags, backbone)
     factories = model_factories(embeddings, mil_epochs)
     say(f"cross-validating: {folds} folds x {repeats} repeats")
     result = patient_crossval(bags, factories, folds, repeats, seed, n_boot)
@@ -153,7 +200,9 @@ def patients(
     if final is not None:
         say(f"fitting the final model ({final}) on all {len(bags)} patients")
         cv_row = result.table.set_index("model").loc[final]
-        final_model = save_final_model(bags, final, factories[final], out / "model", cv_row.to_dict(), seed)
+        final_model = save_final_model(
+            bags, final, factories[final], out / "model", cv_row.to_dict(), seed, described or IMAGENET_BACKBONE
+        )
     gains = covariate_gains(result, bags.labels, n_boot, seed)
     write_json(
         out / "patients.json",
@@ -165,7 +214,7 @@ def patients(
             "patients": len(bags),
             "missing_covariates": bags.missing,
             "cell_types": sorted(manifest.table["cell_type"].astype(str).unique()),
-            "backbone": {"name": BACKBONE, "image_size": IMAGE_SIZE, "weights": "ImageNet"} if images else None,
+            "backbone": described,
             "final_model": final,
             "models": result.table.to_dict(orient="records"),
             "what_age_and_sex_add": gains,
@@ -244,7 +293,13 @@ def write_galleries(bags: PatientBags, result: CrossvalResult, model: str, out: 
 
 
 def save_final_model(
-    bags: PatientBags, name: str, make: Callable[[], Any], out: Path, cross_validation: dict[str, Any], seed: int = 0
+    bags: PatientBags,
+    name: str,
+    make: Callable[[], Any],
+    out: Path,
+    cross_validation: dict[str, Any],
+    seed: int = 0,
+    backbone: dict[str, Any] | None = None,
 ) -> Path:
     """`make()` fitted on every patient of `bags`, its threshold Youden's J on inner out-of-fold predictions (as in
     the cross-validation), saved to `out` as a `PatientModelFolder`."""
@@ -257,7 +312,7 @@ def save_final_model(
             "model": description,
             "threshold": threshold,
             "positive": bags.positive,
-            "backbone": {"name": BACKBONE, "image_size": IMAGE_SIZE, "weights": "ImageNet"},
+            "backbone": backbone or IMAGENET_BACKBONE,
             "trained_on": {
                 "patients": len(bags),
                 "positive_patients": int(bags.labels.sum()),
@@ -301,14 +356,9 @@ def predict_patients(
         say(f"warning: {len(seen)} of these patients trained the model (e.g. {seen[0]}): no validation")
     embeddings = None
     if needs_embeddings(description["model"]):
-        backbone = description["backbone"]
-        if (backbone["name"], backbone["image_size"]) != (BACKBONE, IMAGE_SIZE):
-            raise ConfigError(
-                f"{model_dir}: the model reads {backbone['name']} features at {backbone['image_size']} px; this "
-                f"blastscan embeds with {BACKBONE} at {IMAGE_SIZE} px - refit it with `blastscan patients`"
-            )
-        say(f"embedding every cell (ImageNet EfficientNet-Lite0, {IMAGE_SIZE} px)")
-        embeddings = cell_embeddings(bags)
+        run = saved_backbone(description["backbone"], model_dir)
+        say(f"embedding every cell ({description['backbone']['name']}, {description['backbone']['image_size']} px)")
+        embeddings = cell_embeddings(bags, run)
     model = model_from_state(description["model"], arrays, embeddings)
     probability = model.predict_proba(bags)
     threshold = float(description["threshold"])
@@ -338,6 +388,24 @@ def predict_patients(
         }  # fmt: skip
         write_json(out / "metrics.json", metrics)
     return PatientPredictions(out, table, metrics)
+
+
+def saved_backbone(backbone: dict[str, Any], model_dir: str | Path) -> str | None:
+    """The run a saved model's embeddings came from (None: the ImageNet Lite0), checked to be the same network."""
+    if backbone.get("weights") != "run":
+        if (backbone["name"], backbone["image_size"]) != (BACKBONE, IMAGE_SIZE):
+            raise ConfigError(
+                f"{model_dir}: the model reads {backbone['name']} features at {backbone['image_size']} px; this "
+                f"blastscan embeds with {BACKBONE} at {IMAGE_SIZE} px - refit it with `blastscan patients`"
+            )
+        return None
+    run = backbone["run"]
+    if not Path(run).is_dir() or RunFolder.open(run, need=FOR_INFERENCE).weights_sha256() != backbone["weights_sha256"]:
+        raise ConfigError(
+            f"{model_dir}: the model reads features of the run {run}, which is gone or holds other weights now; "
+            "restore that run folder or refit the patient model"
+        )
+    return run
 
 
 def patients_markdown(table: pd.DataFrame, folds: int, repeats: int, gains: list[dict[str, Any]] | None = None) -> str:
