@@ -24,6 +24,27 @@ from blastscan.models import create, preprocessing_for
 from blastscan.runs import RunFolder
 
 
+def embedding_predictor(
+    run_dir: str | Path | None = None,
+    backbone: str = "tf_efficientnet_lite0",
+    pretrained: str | None = "package",
+    image_size: int = 128,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> TorchPredictor:
+    """The torch predictor whose `embed_prepared` gives pooled features: the network of the run `run_dir` (its own
+    image size, normalisation, stain normalisation and cell framing), or else `backbone` built headless with
+    `pretrained` weights at `image_size` with that backbone's normalisation."""
+    if run_dir is not None:
+        return Predictor.from_run(run_dir, device=device, backend="torch", batch_size=int(batch_size))
+    if int(image_size) < 1:
+        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    model = create(backbone, pretrained=pretrained, num_classes=0)
+    pre = preprocessing_for(backbone, pretrained)
+    spec = InputSpec(int(image_size), tuple(pre["mean"]), tuple(pre["std"]))
+    return TorchPredictor(model, spec, device=device, batch_size=int(batch_size))
+
+
 def _check_images(X: Any) -> np.ndarray:
     images = np.asarray(X)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -109,22 +130,11 @@ class CnnEmbeddings(BaseEstimator, TransformerMixin):
         cached = self.__dict__.get("_loaded")
         if cached is not None and cached[0] == key:
             return cached[1]
-        if self.run_dir is not None:
-            predictor = Predictor.from_run(
-                self.run_dir, device=self.device, backend="torch", batch_size=int(self.batch_size)
-            )
-        else:
-            predictor = self._backbone_predictor()
+        predictor = embedding_predictor(
+            self.run_dir, self.backbone, self.pretrained, self.image_size, self.batch_size, self.device
+        )
         self.__dict__["_loaded"] = (key, predictor)
         return predictor
-
-    def _backbone_predictor(self) -> TorchPredictor:
-        if int(self.image_size) < 1:
-            raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
-        model = create(self.backbone, pretrained=self.pretrained, num_classes=0)
-        pre = preprocessing_for(self.backbone, self.pretrained)
-        spec = InputSpec(int(self.image_size), tuple(pre["mean"]), tuple(pre["std"]))
-        return TorchPredictor(model, spec, device=self.device, batch_size=int(self.batch_size))
 
     def describe(self) -> dict[str, Any]:
         """What produces the features (JSON-ready): the run and its weights file's fingerprint, or the backbone."""

@@ -76,17 +76,9 @@ def cell_embeddings(bags: PatientBags, backbone: str | Path | None = None, batch
     """(cells, D) pooled features of every manifest row: the ImageNet EfficientNet-Lite0 at 96 px, or the network
     of the trained run `backbone` with its own image size, stain normalisation and cell framing (one pass over the
     image cache)."""
-    from blastscan.inference import InputSpec, Predictor
-    from blastscan.inference.torch_backend import TorchPredictor
-    from blastscan.models import create, preprocessing_for
+    from blastscan.baselines.embeddings import embedding_predictor
 
-    if backbone is None:
-        pre = preprocessing_for(BACKBONE, "package")
-        network = create(BACKBONE, pretrained="package", num_classes=0)
-        spec = InputSpec(IMAGE_SIZE, tuple(pre["mean"]), tuple(pre["std"]))
-        predictor: Any = TorchPredictor(network, spec, device="cpu")
-    else:
-        predictor = Predictor.from_run(backbone, device="cpu", backend="torch")
+    predictor = embedding_predictor(backbone, BACKBONE, "package", IMAGE_SIZE, batch_size, device="cpu")
     images = predictor.image_cache(bags.manifest).array()
     return np.concatenate(
         [
