@@ -77,6 +77,35 @@ def write_json(path: str | Path, value: Any) -> Path:
     return path
 
 
+def write_arrays(path: str | Path, arrays: dict[str, np.ndarray], key: str, header: dict[str, Any]) -> Path:
+    """`arrays` as one safetensors file with `header` as JSON under metadata `key`, written to a `.part` file first
+    and renamed, so that a reader never takes a half-written file for a finished one."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    tensors = {name: np.ascontiguousarray(value) for name, value in arrays.items()}
+    save_file(tensors, str(part), metadata={key: json.dumps(jsonable(header))})
+    part.replace(path)
+    return path
+
+
+def read_arrays(path: str | Path, key: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(header, arrays) of a file `write_arrays` wrote (nothing is unpickled). FileNotFoundError when it is absent;
+    ValueError naming the cause when it is damaged, half-written or has no `key` header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            header = json.loads((handle.metadata() or {})[key])
+            return header, {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
 def check_site_name(site: str) -> str:
     """`site` when it is a usable site-profile name (letters, digits, `-`, `_`, `.`; not starting with `.`)."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", str(site)):
@@ -547,31 +576,20 @@ class PatientModelFolder:
 
     def write(self, description: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
         """The model: `arrays` as tensors, `description` as JSON in the file's metadata and beside it."""
-        from safetensors.numpy import save_file
-
-        self.path.mkdir(parents=True, exist_ok=True)
-        part = self.weights_path.with_name(self.WEIGHTS + ".part")
-        tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-        save_file(tensors, str(part), metadata={self.METADATA_KEY: json.dumps(jsonable(description))})
-        part.replace(self.weights_path)  # never a half-written model where a reader would take it for a finished one
+        write_arrays(self.weights_path, arrays, self.METADATA_KEY, description)
         write_json(self.card_path, description)
         return self.path
 
     def read(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(description, arrays) of a model `write` saved (nothing is unpickled)."""
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(str(self.weights_path), framework="numpy") as handle:
-                description = json.loads((handle.metadata() or {})[self.METADATA_KEY])
-                arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+            return read_arrays(self.weights_path, self.METADATA_KEY)
         except FileNotFoundError:
             raise ConfigError(
                 f"{self.path}: no {self.WEIGHTS}; pass the model/ folder that `blastscan patients --out DIR` wrote"
             ) from None
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+        except ValueError as exc:
             raise ConfigError(
-                f"{self.weights_path}: not a readable patient model ({type(exc).__name__}: {exc}); the file is "
-                "damaged or half-written - run `blastscan patients` again to save it"
+                f"{self.weights_path}: not a readable patient model ({exc}); the file is damaged or half-written - "
+                "run `blastscan patients` again to save it"
             ) from None
-        return description, arrays

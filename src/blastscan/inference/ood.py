@@ -20,7 +20,6 @@ Which one a run flags with is `method`; `blastscan evaluate-ood` measures them a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,10 @@ from typing import Any
 import numpy as np
 
 from blastscan.errors import ConfigError
+from blastscan.runs import read_arrays, write_arrays
+
+#: The safetensors metadata entry that holds the profile's header.
+METADATA_KEY = "blastscan_ood"
 
 OOD_METHODS = ("mahalanobis", "mahalanobis-last", "energy", "msp")
 #: The method a new profile flags with: the one `blastscan evaluate-ood` measured best (README, "When blastscan
@@ -177,12 +180,8 @@ class OodProfile:
 
     def save(self, path: str | Path) -> Path:
         """The profile as one safetensors file: the arrays as tensors, the rest as JSON in its metadata."""
-        from safetensors.numpy import save_file
-
         if not self.fitted:
             raise ConfigError("the in-distribution profile is not fitted; nothing to save")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {
             "method": self.method,
             "percentile": self.percentile,
@@ -192,30 +191,25 @@ class OodProfile:
             "loc": np.asarray(self.loc_).tolist(),
             "scale": np.asarray(self.scale_).tolist(),
         }
-        part = path.with_name(path.name + ".part")
         arrays = {f"means_{i}": m.astype(np.float32) for i, m in enumerate(self.means_)}
         arrays |= {f"precision_{i}": p.astype(np.float32) for i, p in enumerate(self.precisions_)}
-        save_file(arrays, str(part), metadata={"blastscan_ood": json.dumps(header)})
-        part.replace(path)  # never a half-written profile where a reader would take it for a finished one
-        return path
+        return write_arrays(path, arrays, METADATA_KEY, header)
 
     @classmethod
     def load(cls, path: str | Path) -> OodProfile:
         """A profile written by `save` (nothing is unpickled)."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         try:
-            with safe_open(str(path), framework="numpy") as handle:
-                header = json.loads((handle.metadata() or {})["blastscan_ood"])
-                stages = range(int(header["stages"]))
-                means = [handle.get_tensor(f"means_{i}").astype(np.float64) for i in stages]
-                precisions = [handle.get_tensor(f"precision_{i}").astype(np.float64) for i in stages]
+            header, arrays = read_arrays(path, METADATA_KEY)
+            stages = range(int(header["stages"]))
+            means = [arrays[f"means_{i}"].astype(np.float64) for i in stages]
+            precisions = [arrays[f"precision_{i}"].astype(np.float64) for i in stages]
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such in-distribution profile") from None
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+        except (ValueError, KeyError) as exc:
+            detail = str(exc) if isinstance(exc, ValueError) else f"KeyError: {exc}"  # ValueError names its cause
             raise ConfigError(
-                f"{path}: not a readable in-distribution profile ({type(exc).__name__}: {exc}); delete it and "
+                f"{path}: not a readable in-distribution profile ({detail}); delete it and "
                 "it is fitted again from the run's training split"
             ) from None
         profile = cls(method=header["method"], percentile=float(header["percentile"]))
