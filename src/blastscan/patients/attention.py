@@ -7,12 +7,12 @@ galleries of `blastscan patients`).
 
 The embeddings are standardised and reduced by PCA to `components` dimensions (both fitted on the training
 patients' cells only), bags are padded to the largest one and trained a few bags per step, padding masked out of
-the softmax: one step per mini-batch instead of one per patient, on 128 instead of 1,280 inputs, makes a fit
-about a second, which nested cross-validation (the network is fitted hundreds of times) needs. The loop is a
+the softmax: one step per mini-batch instead of one per patient, on 128 instead of 1,280 inputs, keeps a fit
+short, which nested cross-validation (the network is fitted hundreds of times) needs. The loop is a
 plain PyTorch one, not Lightning, for the same reason: Lightning's per-fit setup would cost more than the fit.
 Training length is fixed (no early stopping on held-out patients, which would leak them into the model choice).
-Fits run on one thread: for a network this small, thread hand-offs cost more than they save (a fit took 4 s on
-one thread and 15 s on two on the 2-core machine while other work ran).
+Fits run on one thread: for a network this small, thread hand-offs cost more than they save (several times
+slower on two threads in a development check on the 2-core machine while other work ran; not a benchmark).
 """
 
 from __future__ import annotations
